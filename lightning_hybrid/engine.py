@@ -1,0 +1,165 @@
+"""The hybrid engine: DeepSpeed's ``DeepSpeedHybridEngine`` with a portable inference path.
+
+DeepSpeed's engine builds CUDA kernel containers for the whole model at construction,
+which fails on CPU, misses PEFT LoRA, and silently falls back for architectures it has no
+policy for. This subclass keeps everything else of it (rank-synced RNG, ``Z3_enabled``,
+``gather_all_layers``, ``eval()``/``train()``) and decides the inference path itself:
+
+* ``"torch"``: the portable path. The generation module runs as the Hugging Face model it
+  is, with weights materialized by ``gather.py``, LoRA fused by ``lora.py`` and a KV cache
+  from ``workspace.py``. Works on any device and any causal LM.
+* ``"deepspeed"``: DeepSpeed's kernel containers. Not available yet: asking for it is an
+  error that says so (see ``select_backend``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+from torch import nn
+
+from .config import HybridEngineSettings
+from .gather import FrozenWeightCache, LayerwiseGather, NoGather, PinnedGather
+from .workspace import InferenceWorkspace
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the strategy tells the engine beyond DeepSpeed's config."""
+
+    generation_path: str
+    backend: str  # "torch" (the only one built today)
+    cache_frozen_weights: bool = False
+
+
+def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
+    """The model that generates: ``path`` inside ``root``, or its only submodule with ``generate``."""
+    if path is None:
+        found: list[str] = []
+        for name, module in root.named_modules():
+            if name and callable(getattr(module, "generate", None)):
+                if not any(name.startswith(f"{outer}.") for outer in found):
+                    found.append(name)
+        if len(found) != 1:
+            what = "no submodule" if not found else f"{len(found)} submodules ({', '.join(found)})"
+            raise ValueError(
+                f"`generation_module=None` needs exactly one submodule of {type(root).__name__} with a `generate`"
+                f" method, found {what}. Pass `HybridEngineStrategy(generation_module='<attribute path>')`"
+                + (f", e.g. generation_module={found[0]!r}." if found else ".")
+            )
+        path = found[0]
+    module: nn.Module = root
+    for part in path.split("."):
+        child = getattr(module, part, None)
+        if not isinstance(child, nn.Module):
+            options = [n for n, _ in module.named_children()]
+            raise ValueError(
+                f"`generation_module={path!r}`: {type(module).__name__} has no submodule {part!r}."
+                f" Its submodules are {options}. Set generation_module to the dotted path of the actor."
+            )
+        module = child
+    if not callable(getattr(module, "generate", None)):
+        raise ValueError(
+            f"`generation_module={path!r}` is a {type(module).__name__}, which has no `generate` method."
+            " Point generation_module at a Hugging Face causal LM (or a PEFT model wrapping one)."
+        )
+    return path, module
+
+
+def select_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """The inference backend to build, and why; raises where ``requested`` cannot be honoured."""
+    if requested == "torch":
+        return "torch", "inference_backend='torch' was asked for"
+    if requested == "deepspeed":
+        if device.type != "cuda":
+            raise ValueError(
+                f"inference_backend='deepspeed' needs CUDA (DeepSpeed's inference kernels), but this run is on"
+                f" {device.type!r}. Use inference_backend='auto' or 'torch' for the portable path."
+            )
+        raise NotImplementedError(
+            "inference_backend='deepspeed' (DeepSpeed's kernel containers) is not built yet: its Llama kernels break"
+            " with the transformers Cache API (DeepSpeed issues 6522, 5388) and never see PEFT LoRA. Use"
+            " inference_backend='auto' or 'torch'."
+        )
+    reason = "on CPU" if device.type != "cuda" else "no verified DeepSpeed kernel path for this setup"
+    return "torch", f"inference_backend='auto' picked the portable path ({reason})"
+
+
+class HybridEngine(DeepSpeedHybridEngine):
+    """``DeepSpeedHybridEngine`` whose inference path is chosen by the strategy."""
+
+    def __init__(self, args, model: nn.Module, *, options: EngineOptions, **kwargs) -> None:
+        # DeepSpeedHybridEngine.__init__ minus what only kernel containers need: its
+        # WorkspaceOp() would JIT-compile DeepSpeed's CUDA inference ops for nothing.
+        DeepSpeedEngine.__init__(self, args, model, **kwargs)
+        synced = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
+        dist.broadcast(synced, 0)
+        get_accelerator().set_rng_state(synced.cpu())
+        self.Z3_enabled = self._config.zero_config.stage == 3
+        self.gather_all_layers = self._config.hybrid_engine.pin_parameters
+        self.options = options
+        self._inference_containers, self._orig_modules, self._orig_fwds = [], [], []
+        self.create_inference_module()
+        self.is_lora_fused = False
+        self._decode_graphs = None
+        self.settings = HybridEngineSettings(
+            **{k: getattr(self._config.hybrid_engine, k) for k in HybridEngineSettings.__dataclass_fields__}
+        )
+        self.in_inference = False
+        self.kv_workspace = InferenceWorkspace(self.settings.max_out_tokens, self.settings.release_inference_cache)
+        self.frozen_cache = FrozenWeightCache() if options.cache_frozen_weights else None
+        self.generation_rng = self._seed_generation_rng()
+
+    # -- construction ------------------------------------------------------------------
+    def create_inference_module(self) -> None:
+        """DeepSpeed's hook for building inference containers; the portable path builds none."""
+        self.layer_params, self.layer_lora_params, self.lora_params, self.all_lora_params = [], [], [], []
+        self._other_layers, self._orig_modules_others, self._orig_fwds_others = [], [], []
+        self.mp_group, self.mp_replace = None, None
+        self.inference_policies = {}
+        self.all_layers_params = list(self.module.parameters())
+        _, generation_module = resolve_generation_module(self.module, self.options.generation_path)
+        # Not a registered submodule: it already is one, inside the LightningModule.
+        self.__dict__["generation_module"] = generation_module
+
+    def _seed_generation_rng(self) -> dict[str, torch.Tensor]:
+        """A sampling RNG stream of its own, so generation never shifts the training RNG stream.
+
+        Seeded from the RNG state DeepSpeed just synced across ranks, plus the rank, so ranks
+        draw different samples and a rerun draws the same ones.
+        """
+        synced = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
+        base = int.from_bytes(hashlib.sha256(synced.numpy().tobytes()).digest()[:7], "little")
+        seed = base + (dist.get_rank() if dist.is_initialized() else 0)
+        states = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
+        return states
+
+    # -- mode switching -----------------------------------------------------------------
+    def eval(self) -> None:
+        # DeepSpeed's eval() swaps in kernel containers and print()s latencies. With no
+        # containers it is a plain eval(): Lightning's validation runs the training model.
+        DeepSpeedEngine.eval(self)
+
+    def train(self, mode: bool = True) -> None:
+        DeepSpeedEngine.train(self, mode)
+
+    def step(self, lr_kwargs=None) -> None:
+        # DeepSpeed's version also times training for its print()ed report; our metrics do that.
+        DeepSpeedEngine.step(self, lr_kwargs=lr_kwargs)
+
+    def materializer(self):
+        """The object that makes the generation module's weights whole for one context."""
+        module = self.generation_module
+        if not self.Z3_enabled:
+            return NoGather(module)
+        if self.gather_all_layers:
+            return PinnedGather(module, self, self.frozen_cache)
+        return LayerwiseGather(module, self, self.settings.tp_gather_partition_size)

@@ -1,0 +1,280 @@
+"""Materializing ZeRO-3 partitioned weights for generation, and putting them back.
+
+A plain ``GatheredParameters`` around ``generate`` is as slow as no gathering at all:
+ZeRO-3's per-module hooks still fetch and release every submodule on every forward. So
+for the duration of a generation the hooks on the generation module are *detached* (taken
+out of the modules' hook dicts) and put back afterwards at the same place, with the same
+handles, so ZeRO-3's prefetch trace never notices.
+
+Three ways to materialize, all with the hooks detached:
+
+* ``PinnedGather`` (``pin_parameters=True``): one coalesced all-gather of the whole module,
+  held for the whole context. Optionally keeps frozen weights gathered between contexts
+  (``FrozenWeightCache``), so only the trainable ones move each time.
+* ``LayerwiseGather`` (``pin_parameters=False``): the non-layer weights stay gathered, the
+  decoder layers are gathered ``tp_gather_partition_size`` at a time during each forward
+  and released after, bounding memory at the cost of collectives on every forward.
+* nothing, under ZeRO-1/2, where every rank already holds every weight.
+
+LoRA is fused into whatever is materialized, right after it is gathered, and unfused
+right before it is released (see ``lora.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from deepspeed.runtime.zero import GatheredParameters
+from torch import nn
+
+from .lora import LoraFusion, lora_modules
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def zero3_offload(engine: nn.Module):
+    """The object that owns ZeRO-3's module hooks (optimizer or inference-only offload)."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    if offload is None or not hasattr(offload, "forward_hooks"):
+        raise RuntimeError("ZeRO-3 is enabled but the engine has no parameter offload holding its module hooks.")
+    return offload
+
+
+class DetachedZeroHooks:
+    """Takes ZeRO-3's hooks off every submodule of ``module``; ``restore()`` puts them back in place."""
+
+    def __init__(self, module: nn.Module, engine: nn.Module) -> None:
+        offload = zero3_offload(engine)
+        handles = list(offload.forward_hooks) + list(offload.backward_hooks)
+        ours = {id(getattr(m, name)): m for m in module.modules() for name in _HOOK_DICTS}
+        self._order: dict[int, tuple[dict, list]] = {}  # dict id -> (dict, original key order)
+        self._removed: list[tuple[dict, int, object]] = []
+        for handle in handles:
+            for ref in (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())):
+                hooks = ref() if isinstance(ref, weakref.ref) else None
+                if hooks is None or id(hooks) not in ours or handle.id not in hooks:
+                    continue
+                self._order.setdefault(id(hooks), (hooks, list(hooks)))
+                self._removed.append((hooks, handle.id, hooks.pop(handle.id)))
+
+    def restore(self) -> None:
+        for hooks, key, value in self._removed:
+            hooks[key] = value
+        for hooks, order in self._order.values():
+            # Put ZeRO-3's hooks back where they were; hooks added meanwhile go last.
+            items = dict(hooks)
+            hooks.clear()
+            for key in order + [k for k in items if k not in order]:
+                if key in items:
+                    hooks[key] = items[key]
+        self._removed.clear()
+        self._order.clear()
+
+
+@dataclass
+class FrozenWeightCache:
+    """Full copies of frozen ZeRO-3 weights, kept between generation contexts.
+
+    An entry is valid while the parameter stays frozen and its partition is untouched: any
+    write to the partition (``load_state_dict``, a checkpoint load, ``GatheredParameters``
+    with a modifier rank, the optimizer if the user unfreezes it) bumps the partition
+    tensor's version counter or replaces it, and the entry is dropped.
+    """
+
+    entries: dict[int, tuple[torch.Tensor, int, int]] = field(default_factory=dict)  # id(param) -> (full, ptr, ver)
+
+    @staticmethod
+    def _stamp(param: torch.Tensor) -> tuple[int, int]:
+        return param.ds_tensor.data_ptr(), param.ds_tensor._version
+
+    def lookup(self, param: torch.Tensor) -> torch.Tensor | None:
+        entry = self.entries.get(id(param))
+        if entry is None:
+            return None
+        if param.requires_grad or entry[1:] != self._stamp(param):
+            del self.entries[id(param)]
+            return None
+        return entry[0]
+
+    def store(self, param: torch.Tensor) -> None:
+        self.entries[id(param)] = (param.data.detach().clone(), *self._stamp(param))
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(full.numel() * full.element_size() for full, _, _ in self.entries.values())
+
+
+class PinnedGather:
+    """Gathers the whole module once (``pin_parameters=True``)."""
+
+    collectives_per_forward = False
+
+    def __init__(self, module: nn.Module, engine: nn.Module, cache: FrozenWeightCache | None = None) -> None:
+        self.module, self.engine, self.cache = module, engine, cache
+        self.fusion = LoraFusion()
+        self._hooks: DetachedZeroHooks | None = None
+        self._gathered: GatheredParameters | None = None
+        self._swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, partitioned placeholder)
+        self.gathered_bytes = 0
+        self.fuse_s = self.layer_gather_s = 0.0
+
+    def __enter__(self) -> PinnedGather:
+        self._hooks = DetachedZeroHooks(self.module, self.engine)
+        params = [p for p in self.module.parameters() if is_zero3_param(p)]
+        to_gather = []
+        for param in params:
+            full = self.cache.lookup(param) if self.cache is not None else None
+            if full is None:
+                to_gather.append(param)
+            else:
+                self._swapped.append((param, param.data))
+                param.data = full
+        self.gathered_bytes = sum(p.ds_numel * p.element_size() for p in to_gather)
+        self._gathered = GatheredParameters(to_gather)
+        self._gathered.__enter__()
+        if self.cache is not None:
+            for param in to_gather:
+                if not param.requires_grad:
+                    self.cache.store(param)
+        self.fuse_s = _timed(self.fusion.fuse, lora_modules(self.module))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.fusion.unfuse()
+            for param, placeholder in self._swapped:
+                param.data = placeholder
+            self._swapped.clear()
+            if self._gathered is not None:
+                self._gathered.__exit__(None, None, None)
+        finally:
+            self._gathered = None
+            if self._hooks is not None:
+                self._hooks.restore()
+                self._hooks = None
+
+
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face model (through any PEFT wrapping)."""
+    names: set[str] = set()
+    for m in module.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in module.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+class LayerwiseGather:
+    """Gathers ``group_size`` decoder layers at a time, per forward (``pin_parameters=False``)."""
+
+    collectives_per_forward = True
+
+    def __init__(self, module: nn.Module, engine: nn.Module, group_size: int) -> None:
+        self.module, self.engine = module, engine
+        layers = decoder_layers(module)
+        if not layers:
+            raise RuntimeError(
+                f"pin_parameters=False needs the decoder layers of {type(module).__name__}, and none were found"
+                " (no `_no_split_modules`, no nn.ModuleList). Use pin_parameters=True."
+            )
+        self.groups = [layers[i : i + group_size] for i in range(0, len(layers), group_size)]
+        in_layers = {id(p) for layer in layers for p in layer.parameters()}
+        self.other = [p for p in module.parameters() if is_zero3_param(p) and id(p) not in in_layers]
+        self.other_fusion = LoraFusion()
+        self._open: tuple[GatheredParameters, LoraFusion] | None = None
+        self._handles: list = []
+        self._hooks: DetachedZeroHooks | None = None
+        self._other: GatheredParameters | None = None
+        self.max_layers_materialized = 0
+        self.gathered_bytes = sum(p.ds_numel * p.element_size() for p in self.other)
+        self.fuse_s = self.layer_gather_s = 0.0
+
+    def __enter__(self) -> LayerwiseGather:
+        self._hooks = DetachedZeroHooks(self.module, self.engine)
+        self._other = GatheredParameters(self.other)
+        self._other.__enter__()
+        in_groups = {id(m) for group in self.groups for layer in group for m in layer.modules()}
+        outside = [m for m in lora_modules(self.module) if id(m) not in in_groups]
+        self.fuse_s += _timed(self.other_fusion.fuse, outside)
+        for group in self.groups:
+            self._handles.append(group[0].register_forward_pre_hook(lambda *_, g=group: self._open_group(g)))
+            self._handles.append(group[-1].register_forward_hook(lambda *_: self._close_group()))
+        return self
+
+    def _open_group(self, group: list[nn.Module]) -> None:
+        self._close_group()
+        params = [p for layer in group for p in layer.parameters() if is_zero3_param(p)]
+        gathered = GatheredParameters(params)
+        self.layer_gather_s += _timed(gathered.__enter__)
+        fusion = LoraFusion()
+        self.fuse_s += _timed(fusion.fuse, [m for layer in group for m in lora_modules(layer)])
+        self._open = (gathered, fusion)
+        self.max_layers_materialized = max(self.max_layers_materialized, len(group))
+
+    def _close_group(self) -> None:
+        if self._open is not None:
+            gathered, fusion = self._open
+            self._open = None
+            fusion.unfuse()
+            gathered.__exit__(None, None, None)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._close_group()
+            self.other_fusion.unfuse()
+            if self._other is not None:
+                self._other.__exit__(None, None, None)
+        finally:
+            self._other = None
+            if self._hooks is not None:
+                self._hooks.restore()
+                self._hooks = None
+
+
+class NoGather:
+    """ZeRO-1/2: every weight is already whole; only LoRA is fused."""
+
+    collectives_per_forward = False
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.fusion = LoraFusion()
+        self.gathered_bytes = 0
+        self.fuse_s = self.layer_gather_s = 0.0
+
+    def __enter__(self) -> NoGather:
+        self.fuse_s = _timed(self.fusion.fuse, lora_modules(self.module))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fusion.unfuse()

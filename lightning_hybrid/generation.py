@@ -1,0 +1,200 @@
+"""The generation context: the actor switched to inference for one block, and back, always.
+
+On entry, in this order (each step registers its own undo, so an exception or an interrupt
+at any point unwinds exactly what was done, in reverse):
+
+1. train/eval flags and ``requires_grad`` recorded; the actor goes to eval, gradients off;
+2. the training RNG stream is set aside and the generation stream swapped in;
+3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``);
+4. ``actor.generate`` is wrapped: requests are checked against ``max_out_tokens`` before any
+   work, the reusable KV cache is passed in, ranks are kept in step where the forward has
+   collectives, out-of-memory batches are split, and time and tokens are counted.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import HybridEngine
+from .metrics import GenerationStats, PeakMemory, Stopwatch
+
+
+def _generation_config(module: nn.Module, kwargs: dict[str, Any]):
+    return kwargs.get("generation_config") or getattr(module, "generation_config", None)
+
+
+def _setting(module: nn.Module, kwargs: dict[str, Any], name: str, default: Any = None) -> Any:
+    if name in kwargs and kwargs[name] is not None:
+        return kwargs[name]
+    return getattr(_generation_config(module, kwargs), name, default)
+
+
+def check_generate_request(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """Validates a ``generate`` call before any work; returns (prompt ids, new-token budget)."""
+    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if prompt is None and kwargs.get("inputs_embeds") is not None:
+        prompt = kwargs["inputs_embeds"][..., 0]
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        raise ValueError(
+            "generate() needs `input_ids` as a 2-D (batch, length) tensor, got"
+            f" {type(prompt).__name__ if not isinstance(prompt, torch.Tensor) else tuple(prompt.shape)}."
+        )
+    if prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(f"generate() got an empty batch (input_ids of shape {tuple(prompt.shape)}): nothing to do.")
+    prompt_len = prompt.shape[1]
+    max_new = _setting(module, kwargs, "max_new_tokens")
+    if max_new is None:
+        max_new = _setting(module, kwargs, "max_length", 20) - prompt_len
+    if max_new < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new}. Ask for at least one new token.")
+    if prompt_len + max_new > max_out_tokens:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new} = {prompt_len + max_new} tokens exceeds"
+            f" `max_out_tokens={max_out_tokens}`, the size of the inference workspace. Raise"
+            f" HybridEngineStrategy(max_out_tokens=...) to at least {prompt_len + max_new}, or shorten the request."
+        )
+    return prompt, max_new
+
+
+class GenerationContext:
+    """One ``with strategy.generation() as actor:`` block. See the module docstring."""
+
+    def __init__(self, engine: HybridEngine, world_size: int) -> None:
+        self.engine = engine
+        self.module = engine.generation_module
+        self.world_size = world_size
+        self.stats = GenerationStats(backend=engine.options.backend)
+        self._stack = ExitStack()
+
+    # -- entering ----------------------------------------------------------------------
+    def __enter__(self) -> nn.Module:
+        self.peak = PeakMemory(self.engine.device)
+        try:
+            self._switch_modes()
+            self._swap_rng()
+            self._materialize()
+            self._wrap_generate()
+        except BaseException:
+            self._stack.close()
+            raise
+        self.peak.sample()
+        return self.module
+
+    def _switch_modes(self) -> None:
+        engine, module = self.engine, self.module
+        modes = [(m, m.training) for m in engine.module.modules()]
+        grads = [(p, p.requires_grad) for p in module.parameters()]
+
+        def restore() -> None:
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            for m, flag in modes:
+                m.training = flag
+            engine.in_inference = False
+
+        self._stack.callback(restore)
+        engine.in_inference = True
+        module.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        self._stack.enter_context(torch.no_grad())
+
+    def _swap_rng(self) -> None:
+        engine = self.engine
+        cuda = "cuda" in engine.generation_rng
+        training = {"cpu": torch.get_rng_state()}
+        if cuda:
+            training["cuda"] = torch.cuda.get_rng_state(engine.device)
+
+        def restore() -> None:
+            engine.generation_rng["cpu"] = torch.get_rng_state()
+            torch.set_rng_state(training["cpu"])
+            if cuda:
+                engine.generation_rng["cuda"] = torch.cuda.get_rng_state(engine.device)
+                torch.cuda.set_rng_state(training["cuda"], engine.device)
+
+        self._stack.callback(restore)
+        torch.set_rng_state(engine.generation_rng["cpu"])
+        if cuda:
+            torch.cuda.set_rng_state(engine.generation_rng["cuda"], engine.device)
+
+    def _materialize(self) -> None:
+        watch = Stopwatch()
+        self.materializer = self.engine.materializer()
+        self._stack.enter_context(self.materializer)
+        entered = watch.lap()
+        self.stats.fuse_s = self.materializer.fuse_s
+        self.stats.gather_s = entered - self.materializer.fuse_s
+        self.stats.gathered_bytes = self.materializer.gathered_bytes
+        if self.engine.frozen_cache is not None:
+            self.stats.frozen_cache_bytes = self.engine.frozen_cache.nbytes
+
+    def _wrap_generate(self) -> None:
+        module, original = self.module, self.module.generate
+        had_own = "generate" in module.__dict__
+
+        def restore() -> None:
+            if had_own:
+                module.generate = original
+            else:
+                del module.generate
+
+        self._stack.callback(restore)
+        self._original_generate = original
+        module.generate = self._generate
+
+    # -- generating --------------------------------------------------------------------
+    def _generate(self, *args: Any, **kwargs: Any):
+        engine = self.engine
+        prompt, _ = check_generate_request(self.module, engine.settings.max_out_tokens, args, kwargs)
+        if self.materializer.collectives_per_forward and self.world_size > 1:
+            if kwargs.get("synced_gpus") is False:
+                raise ValueError(
+                    "synced_gpus=False would hang: with pin_parameters=False every forward gathers weights from all"
+                    " ranks, so ranks that finish early must keep stepping. Leave synced_gpus unset."
+                )
+            kwargs["synced_gpus"] = True
+        self._attach_workspace(prompt, kwargs)
+        watch = Stopwatch()
+        try:
+            output = self._original_generate(*args, **kwargs)
+        finally:
+            self.stats.generate_s += watch.lap()
+            self.peak.sample()
+            engine.kv_workspace.after_generation()
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        rows = sequences.shape[0]
+        self.stats.calls += 1
+        self.stats.prompt_tokens += prompt.numel()
+        self.stats.new_tokens += rows * (sequences.shape[1] - prompt.shape[1])
+        return output
+
+    def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        workspace = self.engine.kv_workspace
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") is not None:
+            return  # the caller manages its own cache
+        if kwargs.get("assistant_model") is not None or not workspace.supports(self.module):
+            return
+        num_beams = _setting(self.module, kwargs, "num_beams", 1) or 1
+        num_return = _setting(self.module, kwargs, "num_return_sequences", 1) or 1
+        rows = prompt.shape[0] * (num_beams if num_beams > 1 else num_return)
+        dtype = next(self.module.parameters()).dtype
+        kwargs["past_key_values"] = workspace.acquire(self.module, rows, dtype, prompt.device)
+        self.stats.workspace_bytes = workspace.nbytes
+
+    # -- leaving -----------------------------------------------------------------------
+    def __exit__(self, *exc) -> None:
+        watch = Stopwatch()
+        self.stats.workspace_bytes = max(self.stats.workspace_bytes, self.engine.kv_workspace.nbytes)
+        self._stack.close()
+        self.stats.release_s = watch.lap()
+        # Layer-wise gathering and fusing happen during generation: book them where they belong.
+        during = self.materializer.layer_gather_s + self.materializer.fuse_s - self.stats.fuse_s
+        self.stats.gather_s += self.materializer.layer_gather_s
+        self.stats.fuse_s = self.materializer.fuse_s
+        self.stats.generate_s = max(self.stats.generate_s - during, 0.0)
+        self.stats.peak_memory_bytes = self.peak.sample()

@@ -1,0 +1,119 @@
+"""LoRA fusion for generation: fold adapters into the base weights, then restore them exactly.
+
+Two conventions are understood:
+
+* PEFT's ``LoraLayer`` (any target module type, several adapters, the active ones fused);
+* DeepSpeed-Chat's ``LinearLayer_LoRA`` (``lora_right_weight``, ``lora_left_weight``,
+  ``lora_scaling``, ``fuse_lora``).
+
+Fusing never edits a weight in place. The base parameter's ``.data`` is pointed at a new
+tensor ``W + delta`` and, on unfuse, pointed back at the original tensor object, so the
+base weights come back bit for bit however many cycles run (``W + d - d`` does not, in
+bf16). Under ZeRO-3 this happens on gathered weights, before they are released.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+try:
+    from peft.tuners.lora import LoraLayer
+except ImportError:  # peft is optional at run time
+    LoraLayer = ()
+
+
+def is_peft_lora(module: nn.Module) -> bool:
+    return bool(LoraLayer) and isinstance(module, LoraLayer)
+
+
+def is_dschat_lora(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("lora_right_weight", "lora_left_weight", "lora_scaling", "weight"))
+
+
+def lora_modules(module: nn.Module) -> list[nn.Module]:
+    """Every LoRA layer (either convention) inside ``module``, in module order."""
+    return [m for m in module.modules() if is_peft_lora(m) or is_dschat_lora(m)]
+
+
+@dataclass
+class _Fused:
+    module: nn.Module
+    weight: nn.Parameter
+    original: torch.Tensor
+    merged_adapters: list[str] | None = None  # PEFT only
+    fuse_flag: bool | None = None  # DS-Chat only
+
+
+@dataclass
+class LoraFusion:
+    """Fuses the LoRA layers it is given and undoes exactly that on ``unfuse()``."""
+
+    fused: list[_Fused] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def fuse(self, layers: list[nn.Module]) -> None:
+        for layer in layers:
+            if is_peft_lora(layer):
+                self._fuse_peft(layer)
+            else:
+                self._fuse_dschat(layer)
+
+    def unfuse(self) -> None:
+        # Reverse order, so a weight fused twice (never expected) still ends at its original.
+        while self.fused:
+            item = self.fused.pop()
+            item.weight.data = item.original
+            if item.merged_adapters is not None:
+                item.module.merged_adapters = item.merged_adapters
+            if item.fuse_flag is not None:
+                item.module.fuse_lora = item.fuse_flag
+
+    def _fuse_peft(self, layer: nn.Module) -> None:
+        if layer.disable_adapters or layer.merged:
+            return  # adapters off, or the user merged them already: the base layer is the policy
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        if not adapters:
+            return
+        plain = all(a not in getattr(layer, "lora_variant", {}) and not layer.lora_bias.get(a, False) for a in adapters)
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        if not plain or not isinstance(weight, torch.Tensor):
+            # DoRA and other variants are exact on PEFT's own (unfused) path: leave them there.
+            self.skipped.append(type(layer).__name__)
+            return
+        original = weight.data
+        fused = original
+        for adapter in adapters:
+            delta = layer.get_delta_weight(adapter)
+            if delta.shape != original.shape:
+                self.skipped.append(type(layer).__name__)
+                return
+            # The same arithmetic as PEFT's merge, so fused weights equal `merge_and_unload()`'s.
+            fused = fused + delta.to(original.dtype)
+        weight.data = fused
+        self.fused.append(_Fused(layer, weight, original, merged_adapters=list(layer.merged_adapters)))
+        layer.merged_adapters = list(adapters)  # PEFT's forward now skips the adapter branch
+
+    def _fuse_dschat(self, layer: nn.Module) -> None:
+        if getattr(layer, "fuse_lora", False):
+            return  # already fused by the user
+        weight = layer.weight
+        original = weight.data
+        # DeepSpeed-Chat's own formula: W + scaling * left^T @ right^T  (= W + scaling * B @ A).
+        delta = layer.lora_scaling * torch.matmul(layer.lora_left_weight.t(), layer.lora_right_weight.t())
+        weight.data = original + delta.to(original.dtype)
+        self.fused.append(_Fused(layer, weight, original, fuse_flag=getattr(layer, "fuse_lora", False)))
+        layer.fuse_lora = True
+
+    def warn_skipped(self) -> None:
+        if self.skipped:
+            names = sorted(set(self.skipped))
+            warnings.warn(
+                f"LoRA layers {names} use a variant (DoRA, lora_bias, ...) that is not fused for generation; they run"
+                " on PEFT's own adapter path, which is exact but slower.",
+                stacklevel=3,
+            )
+            self.skipped.clear()

@@ -1,0 +1,114 @@
+"""Generation metrics: what each generation context cost, and how a step's time was spent.
+
+DeepSpeed's hybrid engine only ``print()``s its latencies on rank 0. Here every context
+fills a ``GenerationStats`` (on ``strategy.generation_stats``) and, inside a fit, the
+numbers go to the LightningModule's logger under ``hybrid_engine/...``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+@dataclass
+class GenerationStats:
+    gather_s: float = 0.0  # materializing weights (ZeRO-3 all-gather), incl. layer-wise gathers
+    fuse_s: float = 0.0  # folding LoRA into the weights
+    generate_s: float = 0.0  # inside generate()/forward calls
+    release_s: float = 0.0  # unfuse, re-partition, restore hooks, free the workspace
+    calls: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    oom_splits: int = 0  # batches split in halves after running out of memory
+    peak_memory_bytes: int = 0  # CUDA allocator peak, or process RSS peak on CPU
+    gathered_bytes: int = 0  # bytes all-gathered on entry
+    frozen_cache_bytes: int = 0  # resident frozen-weight copies (cache_frozen_weights)
+    workspace_bytes: int = 0  # KV cache held
+    backend: str = "torch"
+
+    @property
+    def switch_s(self) -> float:
+        """Entering plus leaving inference mode: the cost of the switch itself."""
+        return self.gather_s + self.fuse_s + self.release_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: v for k, v in asdict(self).items() if k != "backend"}
+        out.update(switch_s=self.switch_s, tokens_per_s=self.tokens_per_s)
+        return out
+
+
+class PeakMemory:
+    """Peak memory over a span: the CUDA allocator's, or RSS sampled at checkpoints on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+        self.sample()
+
+    def sample(self) -> int:
+        if self.cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak = max(self.peak, psutil.Process().memory_info().rss)
+        return self.peak
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.t0 = now - self.t0, now
+        return elapsed
+
+
+@dataclass
+class StepTimes:
+    """Per training step: seconds spent inside generation contexts, and their stats."""
+
+    start: float = 0.0
+    generation_s: float = 0.0
+    contexts: list[GenerationStats] = field(default_factory=list)
+
+
+class GenerationMetricsLogger(Callback):
+    """Logs the generation contexts of each training step; added by the strategy."""
+
+    def __init__(self, step: StepTimes) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self.step.start = time.perf_counter()
+        self.step.generation_s = 0.0
+        self.step.contexts.clear()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not self.step.contexts:
+            return
+        total = GenerationStats()
+        for stats in self.step.contexts:
+            for name, value in asdict(stats).items():
+                if name == "peak_memory_bytes" or name.endswith("_bytes"):
+                    setattr(total, name, max(getattr(total, name), value))
+                elif name != "backend":
+                    setattr(total, name, getattr(total, name) + value)
+        step_s = max(time.perf_counter() - self.step.start, 1e-9)
+        metrics = {f"hybrid_engine/{k}": float(v) for k, v in total.as_dict().items()}
+        metrics["hybrid_engine/generation_share"] = self.step.generation_s / step_s
+        metrics["hybrid_engine/training_share"] = 1.0 - self.step.generation_s / step_s
+        metrics["hybrid_engine/step_s"] = step_s
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("gen_tok/s", total.tokens_per_s, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)

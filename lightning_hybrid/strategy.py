@@ -1,0 +1,289 @@
+"""``HybridEngineStrategy``: Lightning's ``DeepSpeedStrategy`` with DeepSpeed's Hybrid Engine.
+
+One set of actor weights trains under ZeRO and generates inside ``training_step``::
+
+    with self.trainer.strategy.generation() as actor:
+        out = actor.generate(input_ids, attention_mask=mask, max_new_tokens=64)
+
+Hooks appear in Lightning's lifecycle order: construction, launcher, environment,
+distributed set-up, engine construction, then the generation API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import deepspeed
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from .config import INFERENCE_BACKENDS, HybridEngineSettings, InferenceBackend, merge_hybrid_block, zero_stage
+from .engine import EngineOptions, HybridEngine, resolve_generation_module, select_backend
+from .generation import GenerationContext, check_generate_request
+from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
+
+
+class HybridEngineStrategy(DeepSpeedStrategy):
+    """DeepSpeed's Hybrid Engine for an RLHF LightningModule, on CUDA and on CPU.
+
+    Args:
+        stage: ZeRO stage (1, 2 or 3) when no ``config`` is given. Default 3.
+        max_out_tokens: inference workspace size: prompt plus new tokens, per sequence.
+        inference_tp_size: tensor-parallel degree while generating (1 = none).
+        release_inference_cache: free the KV cache after every generation.
+        pin_parameters: ZeRO-3: gather the whole actor once per generation context (fast);
+            False gathers ``tp_gather_partition_size`` decoder layers at a time (bounded memory).
+        tp_gather_partition_size: decoder layers gathered at once when ``pin_parameters=False``.
+        generation_module: dotted attribute path of the generating model inside the
+            LightningModule; None picks its only submodule with a ``generate`` method.
+        inference_backend: "torch" (portable), "deepspeed" (kernels) or "auto".
+        cache_frozen_weights: ZeRO-3 with ``pin_parameters=True``: keep full copies of the
+            actor's frozen weights between generation contexts, so each entry gathers only
+            the trainable ones (LoRA). Costs the frozen weights' full size on every rank.
+        **kwargs: every other ``DeepSpeedStrategy`` argument (``config``, ``offload_*``, ...).
+    """
+
+    strategy_name = "hybrid_engine"
+
+    def __init__(
+        self,
+        *,
+        stage: int = 3,
+        max_out_tokens: int = 512,
+        inference_tp_size: int = 1,
+        release_inference_cache: bool = False,
+        pin_parameters: bool = True,
+        tp_gather_partition_size: int = 8,
+        generation_module: str | None = None,
+        inference_backend: InferenceBackend = "auto",
+        cache_frozen_weights: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        settings = HybridEngineSettings(
+            max_out_tokens=max_out_tokens,
+            inference_tp_size=inference_tp_size,
+            release_inference_cache=release_inference_cache,
+            pin_parameters=pin_parameters,
+            tp_gather_partition_size=tp_gather_partition_size,
+        )
+        if inference_backend not in INFERENCE_BACKENDS:
+            raise ValueError(f"`inference_backend` must be one of {INFERENCE_BACKENDS}, got {inference_backend!r}.")
+        if generation_module is not None and (not isinstance(generation_module, str) or not generation_module):
+            raise TypeError(f"`generation_module` must be a dotted attribute path or None, got {generation_module!r}.")
+        if not isinstance(cache_frozen_weights, bool):
+            raise TypeError(f"`cache_frozen_weights` must be a bool, got {cache_frozen_weights!r}.")
+        if isinstance(stage, bool) or stage not in (1, 2, 3):
+            raise ValueError(f"`stage` must be 1, 2 or 3, got {stage!r}.")
+        if isinstance(kwargs.get("config"), dict):
+            kwargs["config"] = copy.deepcopy(kwargs["config"])  # never edit the caller's dict
+        super().__init__(stage=stage, **kwargs)
+
+        self.hybrid_settings = merge_hybrid_block(self.config, settings)
+        self.zero_stage = zero_stage(self.config)
+        if self.hybrid_settings.inference_tp_size > 1:
+            if self.zero_stage != 3:
+                raise ValueError(
+                    f"`inference_tp_size={self.hybrid_settings.inference_tp_size}` needs ZeRO stage 3 (as in"
+                    f" DeepSpeed-Chat), but the stage is {self.zero_stage}. Use stage=3 or inference_tp_size=1."
+                )
+            raise NotImplementedError(
+                "inference_tp_size > 1 is not built yet (DeepSpeed's own path never slices weights without an mpu,"
+                " DeepSpeed issue 3998). Use inference_tp_size=1."
+            )
+        if cache_frozen_weights and (self.zero_stage != 3 or not self.hybrid_settings.pin_parameters):
+            raise ValueError(
+                "`cache_frozen_weights=True` keeps ZeRO-3 gathered weights between generations, so it needs stage=3"
+                f" and pin_parameters=True (got stage={self.zero_stage},"
+                f" pin_parameters={self.hybrid_settings.pin_parameters})."
+            )
+        self.generation_module_path = generation_module
+        self.inference_backend = inference_backend
+        self.cache_frozen_weights = cache_frozen_weights
+        self.backend: str | None = None  # the one picked at setup
+        self.generation_stats: GenerationStats | None = None
+        self._step_times = StepTimes()
+        self._in_generation = False
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register("hybrid_engine", cls, description="Hybrid Engine with ZeRO-3", stage=3)
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"hybrid_engine_stage_{stage}", cls, description=f"Hybrid Engine with ZeRO-{stage}", stage=stage
+            )
+        strategy_registry.register(
+            "hybrid_engine_stage_2_offload",
+            cls,
+            description="Hybrid Engine with ZeRO-2 and optimizer offload to CPU",
+            stage=2,
+            offload_optimizer=True,
+        )
+        strategy_registry.register(
+            "hybrid_engine_stage_3_offload",
+            cls,
+            description="Hybrid Engine with ZeRO-3 and optimizer and parameter offload to CPU",
+            stage=3,
+            offload_optimizer=True,
+            offload_parameters=True,
+        )
+
+    # -- launcher and environment --------------------------------------------------------
+    def _configure_launcher(self) -> None:
+        # The earliest point where the world size is known, and still before any process.
+        tp = self.hybrid_settings.inference_tp_size
+        if self.world_size % tp:
+            raise ValueError(
+                f"`inference_tp_size={tp}` must divide the world size {self.world_size}"
+                f" ({self.num_nodes} node(s) x {self.num_processes} process(es)). Pick a divisor of {self.world_size}."
+            )
+        if self.inference_backend == "deepspeed":
+            select_backend("deepspeed", self.root_device)
+        super()._configure_launcher()
+
+    @property
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._on_cuda:
+            return super().root_device
+        # Lightning hands `root_device.index` to DeepSpeed as the device rank; None breaks it.
+        return torch.device("cpu", self.local_rank)
+
+    def setup_environment(self) -> None:
+        if self._on_cuda:
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # DeepSpeedStrategy refuses anything but CUDA
+
+    def setup_distributed(self) -> None:
+        if self._on_cuda:
+            return super().setup_distributed()
+        # CPU devices have no index for Lightning's device check. DeepSpeed's shared-memory
+        # collective would JIT-compile for half a minute (and crashes under AutoTP): plain gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    # -- engine construction -------------------------------------------------------------
+    def setup(self, trainer) -> None:
+        assert self.model is not None
+        path, _ = resolve_generation_module(self.model, self.generation_module_path)
+        self.generation_module_path = path
+        self.backend, why = select_backend(self.inference_backend, self.root_device)
+        rank_zero_info(f"HybridEngineStrategy: {why}; generation module {path!r}.")
+        if not any(isinstance(c, GenerationMetricsLogger) for c in trainer.callbacks):
+            trainer.callbacks.append(GenerationMetricsLogger(self._step_times))
+        super().setup(trainer)
+
+    def _engine_factory(self):
+        options = EngineOptions(self.generation_module_path, self.backend, self.cache_frozen_weights)
+        return functools.partial(HybridEngine, options=options)
+
+    @contextmanager
+    def _building_hybrid_engine(self) -> Iterator[None]:
+        # deepspeed.initialize() constructs `deepspeed.DeepSpeedHybridEngine` whenever the
+        # config enables it; point that name at our subclass for the duration of the call.
+        original = deepspeed.DeepSpeedHybridEngine
+        deepspeed.DeepSpeedHybridEngine = self._engine_factory()
+        try:
+            yield
+        finally:
+            deepspeed.DeepSpeedHybridEngine = original
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer, lr_scheduler=None):
+        with self._building_hybrid_engine():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
+        # Lightning rebuilds the engine for validate()/predict() from a config reduced to
+        # precision and ZeRO keys, dropping the hybrid engine. Keep it.
+        from deepspeed.runtime.zero.parameter_offload import remove_module_hooks
+
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "hybrid_engine": self.config["hybrid_engine"]}
+        for key in ("fp16", "bf16", "zero_optimization", "zero_allow_untested_optimizer"):
+            if key in self.config:
+                config[key] = self.config[key]
+        remove_module_hooks(model)
+        with self._building_hybrid_engine():
+            engine, _, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.root_device.index),
+                config=config,
+                model=model,
+                optimizer=None,
+                lr_scheduler=None,
+                model_parameters=[],
+                dist_init_required=False,
+            )
+        self.model = engine
+
+    @property
+    def hybrid_engine(self) -> HybridEngine:
+        """The engine, once built; a clear error before."""
+        engine = self.model
+        if not isinstance(engine, HybridEngine):
+            raise RuntimeError(
+                "The hybrid engine does not exist yet: `strategy.generation()` works inside a running"
+                " `trainer.fit()` (or validate/test/predict), e.g. in `training_step`."
+            )
+        return engine
+
+    # -- generation ----------------------------------------------------------------------
+    @contextmanager
+    def generation(self) -> Iterator[nn.Module]:
+        """Switch the actor to inference for a block: gathered, LoRA fused, eval, no grad.
+
+        Yields the generation module itself (a Hugging Face causal LM), whose ``generate``
+        takes every argument of transformers' ``generate``. On exit, always: LoRA unfused,
+        weights re-partitioned, ZeRO-3 hooks, train mode, ``requires_grad`` and the
+        training RNG stream as they were. Every rank must enter it together under ZeRO-3.
+        """
+        engine = self.hybrid_engine
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.status != TrainerStatus.RUNNING:
+            raise RuntimeError(
+                "`strategy.generation()` was entered outside a running trainer: use it inside a LightningModule"
+                " hook during `trainer.fit()` (e.g. `training_step`)."
+            )
+        if self._in_generation:
+            raise RuntimeError(
+                "`strategy.generation()` is already active: generation contexts cannot be nested. Use the `actor`"
+                " the outer block yielded."
+            )
+        context = GenerationContext(engine, self.world_size)
+        self._in_generation = True
+        started = time.perf_counter()
+        try:
+            with context as actor:
+                yield actor
+        finally:
+            self._in_generation = False
+            self.generation_stats = context.stats
+            if trainer.state.fn == TrainerFn.FITTING and trainer.training:
+                self._step_times.generation_s += time.perf_counter() - started
+                self._step_times.contexts.append(context.stats)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """One call: ``with self.generation() as actor: return actor.generate(*args, **kwargs)``.
+
+        The request is checked against ``max_out_tokens`` before anything is gathered.
+        """
+        module = self.hybrid_engine.generation_module
+        check_generate_request(module, self.hybrid_settings.max_out_tokens, args, kwargs)
+        with self.generation() as actor:
+            return actor.generate(*args, **kwargs)
+
+
+HybridEngineStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,78 @@
+"""The inference workspace: a KV cache sized by ``max_out_tokens``, allocated once and reused.
+
+It is transformers' own ``StaticCache`` (preallocated, greedy-identical to the default
+dynamic cache), kept between calls and reset rather than reallocated. It is rebuilt only
+when the batch shape, dtype or device changes, and dropped after every generation when
+``release_inference_cache=True``.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+
+class InferenceWorkspace:
+    def __init__(self, max_out_tokens: int, release_after_use: bool) -> None:
+        self.max_out_tokens = max_out_tokens
+        self.release_after_use = release_after_use
+        self.cache: StaticCache | None = None
+        self.allocations = 0  # how many times a cache was built: the reuse a user can check
+        self._key: tuple | None = None
+        self._unsupported: set[str] = set()
+
+    def supports(self, model: nn.Module) -> bool:
+        """Whether ``model`` can generate with a static cache (most decoder-only HF models can)."""
+        base = getattr(model, "get_base_model", lambda: model)()
+        name = type(base).__name__
+        ok = getattr(base, "_can_compile_fullgraph", False) and hasattr(base, "config")
+        if not ok and name not in self._unsupported:
+            self._unsupported.add(name)
+            warnings.warn(
+                f"{name} does not support transformers' StaticCache; generation uses its default dynamic cache,"
+                " so the workspace is not preallocated or reused for it.",
+                stacklevel=3,
+            )
+        return ok
+
+    def acquire(self, model: nn.Module, batch_size: int, dtype: torch.dtype, device: torch.device) -> StaticCache:
+        """A reset cache for ``batch_size`` rows; the same object as last time when the shape allows."""
+        key = (batch_size, dtype, device)
+        if self.cache is None or key != self._key:
+            self.release()
+            config = getattr(model, "get_base_model", lambda: model)().config
+            self.cache = StaticCache(config=config, max_cache_len=self.max_out_tokens)
+            self._key = key
+            self.allocations += 1
+        else:
+            self.cache.reset()
+        return self.cache
+
+    def after_generation(self) -> None:
+        if self.release_after_use:
+            self.release()
+
+    def release(self) -> None:
+        if self.cache is None:
+            return
+        self.cache = None
+        self._key = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        total = 0
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total

@@ -1,0 +1,162 @@
+"""Tiny models and LightningModules for the tests: built from a config, nothing downloaded."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def add_peft_lora(model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # non-zero B, so the adapter changes the output from the start
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft_model
+
+
+class DSChatLoRALinear(nn.Module):
+    """DeepSpeed-Chat's ``LinearLayer_LoRA`` (dschat/utils/module/lora.py), trimmed to what matters."""
+
+    def __init__(self, weight: torch.Tensor, r: int, alpha: float = 1.0, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        out_features, in_features = weight.shape
+        self.lora_right_weight = nn.Parameter(torch.zeros(in_features, r))
+        self.lora_left_weight = nn.Parameter(torch.zeros(r, out_features))
+        self.lora_scaling = alpha / r
+        nn.init.kaiming_uniform_(self.lora_right_weight, a=math.sqrt(5))
+        nn.init.normal_(self.lora_left_weight, 0, 0.05)
+        self.fuse_lora = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_lora:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
+
+
+def add_dschat_lora(model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in targets:
+                setattr(module, child_name, DSChatLoRALinear(child.weight, r, alpha=2 * r, bias=child.bias))
+    return model
+
+
+def merged_reference(actor: nn.Module) -> nn.Module:
+    """An unsharded copy of ``actor`` with its LoRA merged: what the policy *is*."""
+    ref = copy.deepcopy(actor)
+    if hasattr(ref, "merge_and_unload"):
+        return ref.merge_and_unload().eval()
+    for module in ref.modules():
+        if isinstance(module, DSChatLoRALinear):
+            module.weight.data += module.lora_scaling * (module.lora_left_weight.t() @ module.lora_right_weight.t())
+            module.fuse_lora = True
+    return ref.eval()
+
+
+def ds_config(stage: int, bf16: bool = False, **zero) -> dict:
+    """A DeepSpeed config whose ZeRO-3 really shards a tiny model (persistence threshold 0)."""
+    zero_cfg = {"stage": stage, **zero}
+    if stage == 3:
+        zero_cfg.setdefault("stage3_param_persistence_threshold", 0)
+    config = {"zero_optimization": zero_cfg, "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": 2}
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def prompts(batch: int = 4, length: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of different lengths, as generation wants them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        pad = row % 3
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def prompt_loader(n: int = 8, batch: int = 2, length: int = 6) -> DataLoader:
+    ids, mask = prompts(n, length)
+    return DataLoader(TensorDataset(ids, mask), batch_size=batch)
+
+
+class RolloutModule(LightningModule):
+    """A minimal RLHF-shaped module: generate in the step, then train the actor on a loss.
+
+    ``on_step(module, batch)`` runs inside ``training_step`` before the loss, e.g. to generate
+    and record what the test checks.
+    """
+
+    def __init__(self, actor: nn.Module, on_step: Callable | None = None, lr: float = 1e-2, extra: nn.Module | None = None):
+        super().__init__()
+        self.actor = actor
+        self.reference = extra  # e.g. a frozen reference model with its own generate
+        self.on_step = on_step
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        ids, mask = batch
+        if self.on_step is not None:
+            self.on_step(self, batch)
+        logits = self.actor(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        self.losses.append(loss.item())
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
