@@ -54,7 +54,9 @@ def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
 def add_peft_lora(model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0)
+    )
     torch.manual_seed(seed)
     with torch.no_grad():  # non-zero B, so the adapter changes the output from the start
         for name, p in peft_model.named_parameters():
@@ -81,12 +83,17 @@ class DSChatLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse_lora:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias) + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
+        return (
+            F.linear(x, self.weight, self.bias)
+            + (x @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
+        )
 
 
-def add_dschat_lora(model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1) -> nn.Module:
+def add_dschat_lora(
+    model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1
+) -> nn.Module:
     torch.manual_seed(seed)
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in targets:
                 setattr(module, child_name, DSChatLoRALinear(child.weight, r, alpha=2 * r, bias=child.bias))
@@ -140,7 +147,9 @@ class RolloutModule(LightningModule):
     and record what the test checks.
     """
 
-    def __init__(self, actor: nn.Module, on_step: Callable | None = None, lr: float = 1e-2, extra: nn.Module | None = None):
+    def __init__(
+        self, actor: nn.Module, on_step: Callable | None = None, lr: float = 1e-2, extra: nn.Module | None = None
+    ):
         super().__init__()
         self.actor = actor
         self.reference = extra  # e.g. a frozen reference model with its own generate
