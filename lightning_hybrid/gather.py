@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from deepspeed.runtime.zero import GatheredParameters
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from .lora import LoraFusion, lora_modules
@@ -49,6 +50,19 @@ def _timed(fn, *args) -> float:
 
 def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
+
+
+def missing_params(params, engine: nn.Module) -> list[torch.Tensor]:
+    """The ZeRO-3 params among ``params`` that are partitioned now, after any prefetch lands.
+
+    Inside ``training_step`` ZeRO-3 may already have fetched or prefetched some of them
+    (its trace runs ahead of the forward). Those stay ZeRO-3's to release; only what is
+    partitioned is ours to gather and to partition again.
+    """
+    params = [p for p in params if is_zero3_param(p)]
+    if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
+        engine.empty_partition_cache()  # waits for in-flight all-gathers, then releases them
+    return [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
 
 
 def zero3_offload(engine: nn.Module):
@@ -143,9 +157,8 @@ class PinnedGather:
 
     def __enter__(self) -> PinnedGather:
         self._hooks = DetachedZeroHooks(self.module, self.engine)
-        params = [p for p in self.module.parameters() if is_zero3_param(p)]
         to_gather = []
-        for param in params:
+        for param in missing_params(self.module.parameters(), self.engine):
             full = self.cache.lookup(param) if self.cache is not None else None
             if full is None:
                 to_gather.append(param)
@@ -207,6 +220,7 @@ class LayerwiseGather:
         self.groups = [layers[i : i + group_size] for i in range(0, len(layers), group_size)]
         in_layers = {id(p) for layer in layers for p in layer.parameters()}
         self.other = [p for p in module.parameters() if is_zero3_param(p) and id(p) not in in_layers]
+        self.other = missing_params(self.other, engine)
         self.other_fusion = LoraFusion()
         self._open: tuple[GatheredParameters, LoraFusion] | None = None
         self._handles: list = []
@@ -230,7 +244,7 @@ class LayerwiseGather:
 
     def _open_group(self, group: list[nn.Module]) -> None:
         self._close_group()
-        params = [p for layer in group for p in layer.parameters() if is_zero3_param(p)]
+        params = missing_params([p for layer in group for p in layer.parameters()], self.engine)
         gathered = GatheredParameters(params)
         self.layer_gather_s += _timed(gathered.__enter__)
         fusion = LoraFusion()

@@ -169,3 +169,23 @@ class RolloutModule(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def fit(module: LightningModule, strategy, steps: int = 2, loader: DataLoader | None = None, **trainer_kwargs):
+    """A short CPU fit with nothing written to disk unless asked."""
+    from lightning.pytorch import Trainer
+
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(trainer_kwargs)
+    trainer = Trainer(strategy=strategy, **kwargs)
+    trainer.fit(module, loader or prompt_loader())
+    return trainer

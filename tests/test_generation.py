@@ -1,0 +1,261 @@
+"""The generation context, in-process (1 rank): parity, nothing lost, errors, workspace, metrics."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from deepspeed.runtime.zero import GatheredParameters
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from helpers import (
+    RolloutModule,
+    add_dschat_lora,
+    add_peft_lora,
+    ds_config,
+    fit,
+    merged_reference,
+    prompts,
+    tiny_llama,
+)
+
+from lightning_hybrid import HybridEngineStrategy
+
+
+def make_actor(lora: str | None):
+    model = tiny_llama()
+    if lora == "peft":
+        return add_peft_lora(model)
+    if lora == "dschat":
+        return add_dschat_lora(model)
+    return model
+
+
+def unsharded_reference(module, lora: str | None):
+    """Rebuild the policy as it is right now, whole, with its LoRA merged."""
+    actor = module.actor
+    module.trainer.strategy.model.empty_partition_cache()
+    with GatheredParameters(list(actor.parameters())):
+        state = {k: v.detach().clone() for k, v in actor.state_dict().items()}
+    fresh = make_actor(lora)
+    fresh.load_state_dict(state)
+    return merged_reference(fresh)
+
+
+def snapshot(module):
+    """Every parameter of the actor, whole, cloned: for bitwise comparisons."""
+    module.trainer.strategy.model.empty_partition_cache()  # let ZeRO-3's prefetches land first
+    with GatheredParameters(list(module.actor.parameters())):
+        return {n: p.detach().clone() for n, p in module.actor.named_parameters()}
+
+
+def hook_state(module):
+    return [
+        (name, list(m._forward_pre_hooks), list(m._forward_hooks), list(m._forward_hooks_with_kwargs))
+        for name, m in module.named_modules()
+    ]
+
+
+def sharding_state(module):
+    return [(n, p.ds_status, p.data.numel()) for n, p in module.named_parameters() if hasattr(p, "ds_id")]
+
+
+def mode_state(module):
+    return [(n, m.training) for n, m in module.named_modules()], [
+        (n, p.requires_grad) for n, p in module.named_parameters()
+    ]
+
+
+def log_probs(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+
+
+GREEDY = dict(max_new_tokens=8, do_sample=False)
+
+
+@pytest.mark.parametrize(
+    "stage,pin,lora",
+    [
+        (3, True, "peft"),
+        (3, False, "peft"),
+        (3, True, "dschat"),
+        (3, False, "dschat"),
+        (2, True, "peft"),
+        (2, True, "dschat"),
+        (3, True, None),
+    ],
+)
+def test_parity_with_unsharded_merged_reference(stage, pin, lora):
+    """Greedy tokens and log-probs inside the context equal the whole, merged policy's, before and after steps."""
+    ids, mask = prompts()
+    checked = []
+
+    def on_step(module, batch):
+        if module.global_step not in (0, 3):
+            return
+        reference = unsharded_reference(module, lora)
+        want = reference.generate(ids, attention_mask=mask, **GREEDY)
+        want_lp = log_probs(reference, ids, mask)
+        with module.trainer.strategy.generation() as actor:
+            got = actor.generate(ids, attention_mask=mask, **GREEDY)
+            got_lp = log_probs(actor, ids, mask)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
+        checked.append(module.global_step)
+
+    strategy = HybridEngineStrategy(
+        config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1, max_out_tokens=64
+    )
+    module = RolloutModule(make_actor(lora), on_step, lr=0.05)
+    fit(module, strategy, steps=4)
+    assert checked == [0, 3]
+    if stage == 3:  # really sharded, so the context really gathered
+        assert all(s == ZeroParamStatus.NOT_AVAILABLE and n == 0 for _, s, n in sharding_state(module.actor))
+
+
+@pytest.mark.parametrize("stage,pin", [(3, True), (3, False), (2, True)])
+def test_nothing_lost_over_cycles(stage, pin):
+    """5 generate/train cycles with a zero learning rate leave every weight bitwise as it was."""
+    ids, mask = prompts()
+    seen = {}
+
+    def on_step(module, batch):
+        if "before" not in seen:
+            seen["before"] = snapshot(module)
+            seen["hooks"] = hook_state(module)
+            seen["modes"] = mode_state(module)
+        with module.trainer.strategy.generation() as actor:
+            actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
+        assert hook_state(module) == seen["hooks"]
+        assert mode_state(module) == seen["modes"]
+
+    module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.0)
+    strategy = HybridEngineStrategy(config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1)
+    fit(module, strategy, steps=5)
+    after = snapshot(module)
+    assert after.keys() == seen["before"].keys()
+    for name, value in after.items():
+        assert torch.equal(value, seen["before"][name]), name
+
+
+@pytest.mark.parametrize("fault", [ValueError, KeyboardInterrupt])
+def test_fault_inside_context_restores_everything(fault):
+    """An exception or interrupt in the block: weights, sharding, hooks, modes, RNG as before; training goes on."""
+    ids, mask = prompts()
+    seen = {}
+
+    def on_step(module, batch):
+        if module.global_step != 1:
+            return
+        before = (snapshot(module), sharding_state(module.actor), hook_state(module), mode_state(module))
+        rng = torch.get_rng_state()
+        with pytest.raises(fault):
+            with module.trainer.strategy.generation() as actor:
+                actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
+                raise fault("boom")
+        assert torch.equal(torch.get_rng_state(), rng)
+        after = (snapshot(module), sharding_state(module.actor), hook_state(module), mode_state(module))
+        assert after[1:] == before[1:]
+        assert all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+        seen["ok"] = True
+
+    module = RolloutModule(add_peft_lora(tiny_llama()), on_step)
+    fit(module, HybridEngineStrategy(config=ds_config(3)), steps=3)
+    assert seen["ok"] and len(module.losses) == 3 and all(torch.isfinite(torch.tensor(module.losses)))
+
+
+def test_generation_keeps_training_rng_stream_and_samples_vary():
+    ids, mask = prompts()
+    samples = []
+
+    def on_step(module, batch):
+        rng = torch.get_rng_state()
+        with module.trainer.strategy.generation() as actor:
+            samples.append(actor.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=0))
+        assert torch.equal(torch.get_rng_state(), rng)
+
+    fit(RolloutModule(tiny_llama(), on_step, lr=0.0), HybridEngineStrategy(config=ds_config(3)), steps=2)
+    assert not torch.equal(samples[0], samples[1])  # the generation stream advances across contexts
+
+
+def test_misuse_is_refused():
+    strategy = HybridEngineStrategy(config=ds_config(3), max_out_tokens=16)
+    with pytest.raises(RuntimeError, match="does not exist yet"):
+        with strategy.generation():
+            pass
+    ids, mask = prompts()
+    seen = []
+
+    def on_step(module, batch):
+        with module.trainer.strategy.generation():
+            with pytest.raises(RuntimeError, match="cannot be nested"):
+                with module.trainer.strategy.generation():
+                    pass
+        with pytest.raises(ValueError, match="max_out_tokens=16"):
+            module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=12)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=0)
+        with pytest.raises(ValueError, match="empty batch"):
+            module.trainer.strategy.generate(ids[:0], max_new_tokens=2)
+        seen.append(module.trainer.strategy.generation_stats.calls)
+
+    trainer = fit(RolloutModule(tiny_llama(), on_step), strategy, steps=1)
+    assert seen == [0]  # the refused requests never entered a context (the nesting test's one did, empty)
+    with pytest.raises(RuntimeError, match="outside a running trainer"):
+        with trainer.strategy.generation():
+            pass
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_workspace_reused_or_released(release):
+    ids, mask = prompts()
+    seen = []
+
+    def on_step(module, batch):
+        workspace = module.trainer.strategy.hybrid_engine.kv_workspace
+        with module.trainer.strategy.generation() as actor:
+            for _ in range(2):
+                actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+                cache = workspace.cache
+                seen.append((id(cache), cache.layers[0].keys.data_ptr() if cache is not None else None))
+        assert workspace.max_out_tokens == 32
+
+    strategy = HybridEngineStrategy(config=ds_config(3), max_out_tokens=32, release_inference_cache=release)
+    trainer = fit(RolloutModule(tiny_llama(), on_step), strategy, steps=2)
+    workspace = trainer.strategy.hybrid_engine.kv_workspace
+    if release:
+        assert all(entry == (id(None), None) for entry in seen) and workspace.allocations == 4
+    else:
+        assert len(set(seen)) == 1 and workspace.allocations == 1
+        assert workspace.cache.layers[0].keys.shape[2] == 32  # sized by max_out_tokens
+
+
+def test_metrics_reach_the_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    ids, mask = prompts()
+
+    def on_step(module, batch):
+        with module.trainer.strategy.generation() as actor:
+            actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+
+    strategy = HybridEngineStrategy(config=ds_config(3))
+    fit(
+        RolloutModule(add_peft_lora(tiny_llama()), on_step),
+        strategy,
+        steps=3,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+    )
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = [r for r in rows if r.get("hybrid_engine/tokens_per_s")]
+    assert len(logged) == 3
+    for row in logged:
+        assert float(row["hybrid_engine/new_tokens"]) == 16
+        assert float(row["hybrid_engine/tokens_per_s"]) > 0
+        assert float(row["hybrid_engine/gathered_bytes"]) > 0
+        assert 0 < float(row["hybrid_engine/generation_share"]) < 1
+        assert float(row["hybrid_engine/peak_memory_bytes"]) > 0
+    stats = strategy.generation_stats
+    assert stats.calls == 1 and stats.prompt_tokens == ids.numel() and stats.new_tokens == 16
