@@ -91,8 +91,9 @@ class LoraFusion:
             if delta.shape != original.shape:
                 self.skipped.append(type(layer).__name__)
                 return
-            # The same arithmetic as PEFT's merge, so fused weights equal `merge_and_unload()`'s.
-            fused = fused + delta.to(original.dtype)
+            # PEFT's merge is `weight += delta`: add in the promoted dtype, round once. Same here,
+            # so fused weights equal `merge_and_unload()`'s bit for bit.
+            fused = (fused + delta).to(original.dtype)
         weight.data = fused
         self.fused.append(_Fused(layer, weight, original, merged_adapters=list(layer.merged_adapters)))
         layer.merged_adapters = list(adapters)  # PEFT's forward now skips the adapter branch
@@ -104,7 +105,7 @@ class LoraFusion:
         original = weight.data
         # DeepSpeed-Chat's own formula: W + scaling * left^T @ right^T  (= W + scaling * B @ A).
         delta = layer.lora_scaling * torch.matmul(layer.lora_left_weight.t(), layer.lora_right_weight.t())
-        weight.data = original + delta.to(original.dtype)
+        weight.data = (original + delta).to(original.dtype)
         self.fused.append(_Fused(layer, weight, original, fuse_flag=getattr(layer, "fuse_lora", False)))
         layer.fuse_lora = True
 

@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -97,10 +98,6 @@ class HybridEngineStrategy(DeepSpeedStrategy):
                     f"`inference_tp_size={self.hybrid_settings.inference_tp_size}` needs ZeRO stage 3 (as in"
                     f" DeepSpeed-Chat), but the stage is {self.zero_stage}. Use stage=3 or inference_tp_size=1."
                 )
-            raise NotImplementedError(
-                "inference_tp_size > 1 is not built yet (DeepSpeed's own path never slices weights without an mpu,"
-                " DeepSpeed issue 3998). Use inference_tp_size=1."
-            )
         if cache_frozen_weights and (self.zero_stage != 3 or not self.hybrid_settings.pin_parameters):
             raise ValueError(
                 "`cache_frozen_weights=True` keeps ZeRO-3 gathered weights between generations, so it needs stage=3"
@@ -146,6 +143,11 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             raise ValueError(
                 f"`inference_tp_size={tp}` must divide the world size {self.world_size}"
                 f" ({self.num_nodes} node(s) x {self.num_processes} process(es)). Pick a divisor of {self.world_size}."
+            )
+        if tp > 1:
+            raise NotImplementedError(
+                "inference_tp_size > 1 is not built yet (DeepSpeed's own path never slices weights without an mpu,"
+                " DeepSpeed issue 3998). Use inference_tp_size=1."
             )
         if self.inference_backend == "deepspeed":
             select_backend("deepspeed", self.root_device)
@@ -210,8 +212,6 @@ class HybridEngineStrategy(DeepSpeedStrategy):
     def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
         # Lightning rebuilds the engine for validate()/predict() from a config reduced to
         # precision and ZeRO keys, dropping the hybrid engine. Keep it.
-        from deepspeed.runtime.zero.parameter_offload import remove_module_hooks
-
         config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "hybrid_engine": self.config["hybrid_engine"]}
         for key in ("fp16", "bf16", "zero_optimization", "zero_allow_untested_optimizer"):
             if key in self.config:

@@ -171,7 +171,14 @@ class RolloutModule(LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
-def fit(module: LightningModule, strategy, steps: int = 2, loader: DataLoader | None = None, **trainer_kwargs):
+def fit(
+    module: LightningModule,
+    strategy,
+    steps: int = 2,
+    loader: DataLoader | None = None,
+    val_loader: DataLoader | None = None,
+    **trainer_kwargs,
+):
     """A short CPU fit with nothing written to disk unless asked."""
     from lightning.pytorch import Trainer
 
@@ -187,5 +194,5 @@ def fit(module: LightningModule, strategy, steps: int = 2, loader: DataLoader | 
     )
     kwargs.update(trainer_kwargs)
     trainer = Trainer(strategy=strategy, **kwargs)
-    trainer.fit(module, loader or prompt_loader())
+    trainer.fit(module, loader or prompt_loader(), val_loader)
     return trainer

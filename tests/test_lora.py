@@ -1,0 +1,92 @@
+"""LoRA fusion on plain (unsharded) models: the fused weights, and the exact restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DSChatLoRALinear, add_dschat_lora, add_peft_lora, merged_reference, prompts, tiny_llama
+
+from lightning_hybrid.lora import LoraFusion, lora_modules
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peft_fused_weights_equal_merge_and_unload(dtype):
+    actor = add_peft_lora(tiny_llama().to(dtype))
+    reference = merged_reference(actor)
+    fusion = LoraFusion()
+    fusion.fuse(lora_modules(actor))
+    assert len(fusion.fused) == 6  # q_proj, v_proj, down_proj in 2 layers
+    for name, module in actor.named_modules():
+        if hasattr(module, "base_layer") and module.merged:
+            ref_name = name.replace("base_model.model.", "")
+            assert torch.equal(module.get_base_layer().weight, reference.get_submodule(ref_name).weight), name
+    ids, mask = prompts()
+    with torch.no_grad():
+        torch.testing.assert_close(actor(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+    fusion.unfuse()
+    assert not any(m.merged for m in lora_modules(actor))
+
+
+def test_dschat_fused_weight_is_w_plus_scaling_b_a():
+    actor = add_dschat_lora(tiny_llama())
+    layer = next(m for m in actor.modules() if isinstance(m, DSChatLoRALinear))
+    w = layer.weight.detach().clone()
+    b, a = layer.lora_left_weight.t(), layer.lora_right_weight.t()  # B: out x r, A: r x in
+    fusion = LoraFusion()
+    fusion.fuse(lora_modules(actor))
+    torch.testing.assert_close(layer.weight.detach(), w + layer.lora_scaling * b @ a, rtol=0, atol=1e-6)
+    assert layer.fuse_lora is True
+    fusion.unfuse()
+    assert layer.fuse_lora is False and torch.equal(layer.weight, w)
+
+
+@pytest.mark.parametrize("convention", ["peft", "dschat"])
+def test_unfuse_restores_bit_for_bit_over_many_bf16_cycles(convention):
+    """``W + d - d`` drifts in bf16; fusing by swapping tensors never does."""
+    model = tiny_llama().to(torch.bfloat16)
+    actor = add_peft_lora(model) if convention == "peft" else add_dschat_lora(model)
+    actor.to(torch.bfloat16)
+    before = weights(actor)
+    for _ in range(20):
+        fusion = LoraFusion()
+        fusion.fuse(lora_modules(actor))
+        assert any(not torch.equal(p, before[n]) for n, p in actor.named_parameters())  # really fused
+        fusion.unfuse()
+    for name, value in weights(actor).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_peft_multiple_adapters_fuse_only_the_active_one():
+    from peft import LoraConfig
+
+    actor = add_peft_lora(tiny_llama())
+    actor.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    actor.set_adapter("other")
+    reference = merged_reference(actor)  # merges the active adapter only
+    fusion = LoraFusion()
+    fusion.fuse(lora_modules(actor))
+    ids, mask = prompts()
+    with torch.no_grad():
+        torch.testing.assert_close(actor(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+    fusion.unfuse()
+
+
+def test_disabled_adapters_and_dora_are_left_unfused():
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    fusion = LoraFusion()
+    fusion.fuse(lora_modules(dora))
+    assert fusion.fused == [] and fusion.skipped
+    with pytest.warns(UserWarning, match="not fused"):
+        fusion.warn_skipped()
+
+    actor = add_peft_lora(tiny_llama())
+    with actor.disable_adapter():
+        fusion = LoraFusion()
+        fusion.fuse(lora_modules(actor))
+        assert fusion.fused == []
