@@ -21,6 +21,7 @@ from torch import nn
 
 from .engine import HybridEngine
 from .metrics import GenerationStats, PeakMemory, Stopwatch
+from .workspace import CACHE_KWARG, CACHE_KWARGS
 
 
 def _generation_config(module: nn.Module, kwargs: dict[str, Any]):
@@ -175,7 +176,7 @@ class GenerationContext:
 
     def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
         workspace = self.engine.kv_workspace
-        if kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") is not None:
+        if any(kwargs.get(k) is not None for k in (*CACHE_KWARGS, "cache_implementation")):
             return  # the caller manages its own cache
         if kwargs.get("assistant_model") is not None or not workspace.supports(self.module):
             return
@@ -183,7 +184,7 @@ class GenerationContext:
         num_return = _setting(self.module, kwargs, "num_return_sequences", 1) or 1
         rows = prompt.shape[0] * (num_beams if num_beams > 1 else num_return)
         dtype = next(self.module.parameters()).dtype
-        kwargs["past_key_values"] = workspace.acquire(self.module, rows, dtype, prompt.device)
+        kwargs[CACHE_KWARG] = workspace.acquire(self.module, rows, dtype, prompt.device)
         self.stats.workspace_bytes = workspace.nbytes
 
     # -- leaving -----------------------------------------------------------------------

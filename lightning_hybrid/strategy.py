@@ -265,15 +265,35 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         context = GenerationContext(engine, self.world_size)
         self._in_generation = True
         started = time.perf_counter()
+        failure: BaseException | None = None
         try:
             with context as actor:
                 yield actor
+        except BaseException as error:
+            failure = error
+            raise
         finally:
             self._in_generation = False
             self.generation_stats = context.stats
             if trainer.state.fn == TrainerFn.FITTING and trainer.training:
                 self._step_times.generation_s += time.perf_counter() - started
                 self._step_times.contexts.append(context.stats)
+            if engine.Z3_enabled and self.world_size > 1:
+                self._raise_if_any_rank_failed(failure)
+
+    def _raise_if_any_rank_failed(self, failure: BaseException | None) -> None:
+        """Under ZeRO-3 every rank leaves the context together: share whether one failed.
+
+        Without this, a rank that raised leaves the others waiting in their next collective
+        until the process-group timeout, and they die with a bare "connection closed".
+        """
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports: list[str | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(reports, mine)
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if failed and failure is None:
+            rank, report = failed[0]
+            raise RuntimeError(f"Generation failed on rank {rank} of {self.world_size}: {report}")
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """One call: ``with self.generation() as actor: return actor.generate(*args, **kwargs)``.

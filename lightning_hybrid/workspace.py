@@ -9,11 +9,16 @@ when the batch shape, dtype or device changes, and dropped after every generatio
 from __future__ import annotations
 
 import gc
+import inspect
 import warnings
 
 import torch
 from torch import nn
-from transformers import StaticCache
+from transformers import GenerationMixin, StaticCache
+
+# The keyword `generate` takes a cache by: `cache` in recent transformers, `past_key_values` before.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.generate).parameters else "past_key_values"
+CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 
 
 class InferenceWorkspace:
