@@ -36,6 +36,7 @@ class EngineOptions:
     generation_path: str
     backend: str  # "torch" (the only one built today)
     cache_frozen_weights: bool = False
+    oom_split_min_batch: int = 1  # out of memory: halve the batch down to this many rows
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:

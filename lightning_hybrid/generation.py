@@ -13,6 +13,7 @@ at any point unwinds exactly what was done, in reverse):
 
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack
 from typing import Any
 
@@ -59,6 +60,18 @@ def check_generate_request(module: nn.Module, max_out_tokens: int, args: tuple, 
             f" HybridEngineStrategy(max_out_tokens=...) to at least {prompt_len + max_new}, or shorten the request."
         )
     return prompt, max_new
+
+
+def _split_rows(kwargs: dict[str, Any], rows: int) -> list[dict[str, Any]]:
+    """Two kwargs dicts, each with the first or second half of every per-row tensor."""
+    half = rows // 2
+    parts: list[dict[str, Any]] = [{}, {}]
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            parts[0][key], parts[1][key] = value[:half], value[half:]
+        else:
+            parts[0][key] = parts[1][key] = value
+    return parts
 
 
 class GenerationContext:
@@ -159,10 +172,9 @@ class GenerationContext:
                     " ranks, so ranks that finish early must keep stepping. Leave synced_gpus unset."
                 )
             kwargs["synced_gpus"] = True
-        self._attach_workspace(prompt, kwargs)
         watch = Stopwatch()
         try:
-            output = self._original_generate(*args, **kwargs)
+            output = self._generate_rows(args, kwargs)
         finally:
             self.stats.generate_s += watch.lap()
             self.peak.sample()
@@ -173,6 +185,46 @@ class GenerationContext:
         self.stats.prompt_tokens += prompt.numel()
         self.stats.new_tokens += rows * (sequences.shape[1] - prompt.shape[1])
         return output
+
+    def _generate_rows(self, args: tuple, kwargs: dict[str, Any]):
+        """Generate; on out-of-memory, free the workspace and retry each half of the batch."""
+        if args:
+            kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+        prompt = kwargs["input_ids"]
+        own_cache = any(kwargs.get(k) is not None for k in CACHE_KWARGS)
+        attempt = dict(kwargs)
+        self._attach_workspace(prompt, attempt)
+        try:
+            return self._original_generate(*args, **attempt)
+        except torch.OutOfMemoryError as error:
+            rows, floor = prompt.shape[0], self.engine.options.oom_split_min_batch
+            attempt.clear()
+            self.engine.kv_workspace.release()
+            why = None
+            if rows // 2 < floor:
+                why = f"the batch of {rows} cannot be halved without going under oom_split_min_batch={floor}"
+            elif self.materializer.collectives_per_forward and self.world_size > 1:
+                why = "with pin_parameters=False ranks gather weights together, so one rank cannot retry alone"
+            elif own_cache or args:
+                why = "the call passes its own cache or positional arguments, which cannot be split"
+            if why:
+                raise RuntimeError(
+                    f"Out of memory generating {rows} sequences, and {why}. Lower the batch, max_new_tokens or"
+                    " max_out_tokens, or set pin_parameters=False to gather fewer weights at once."
+                ) from error
+            self.stats.oom_splits += 1
+            warnings.warn(f"Out of memory generating {rows} sequences: retrying in two halves.", stacklevel=4)
+            halves = [self._generate_rows((), part) for part in _split_rows(kwargs, rows)]
+            if not all(isinstance(h, torch.Tensor) for h in halves):
+                raise RuntimeError(
+                    "Out of memory with return_dict_in_generate=True: split outputs cannot be merged. Lower the batch."
+                ) from error
+            pad = _setting(self.module, kwargs, "pad_token_id")
+            pad = _setting(self.module, kwargs, "eos_token_id") if pad is None else pad
+            pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+            pad = 0 if pad is None else int(pad)
+            width = max(h.shape[1] for h in halves)
+            return torch.cat([torch.nn.functional.pad(h, (0, width - h.shape[1]), value=pad) for h in halves])
 
     def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
         workspace = self.engine.kv_workspace

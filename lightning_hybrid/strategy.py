@@ -17,10 +17,12 @@ import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero import GatheredParameters
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
@@ -31,6 +33,7 @@ from torch import nn
 
 from .config import INFERENCE_BACKENDS, HybridEngineSettings, InferenceBackend, merge_hybrid_block, zero_stage
 from .engine import EngineOptions, HybridEngine, resolve_generation_module, select_backend
+from .export import write_hf_directory
 from .generation import GenerationContext, check_generate_request
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 
@@ -52,6 +55,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         cache_frozen_weights: ZeRO-3 with ``pin_parameters=True``: keep full copies of the
             actor's frozen weights between generation contexts, so each entry gathers only
             the trainable ones (LoRA). Costs the frozen weights' full size on every rank.
+        oom_split_min_batch: when a generation runs out of memory, it is retried in halves of
+            the batch, down to this many rows; below that, a clear error.
         **kwargs: every other ``DeepSpeedStrategy`` argument (``config``, ``offload_*``, ...).
     """
 
@@ -69,6 +74,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         generation_module: str | None = None,
         inference_backend: InferenceBackend = "auto",
         cache_frozen_weights: bool = False,
+        oom_split_min_batch: int = 1,
         **kwargs: Any,
     ) -> None:
         settings = HybridEngineSettings(
@@ -84,6 +90,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             raise TypeError(f"`generation_module` must be a dotted attribute path or None, got {generation_module!r}.")
         if not isinstance(cache_frozen_weights, bool):
             raise TypeError(f"`cache_frozen_weights` must be a bool, got {cache_frozen_weights!r}.")
+        if isinstance(oom_split_min_batch, bool) or not isinstance(oom_split_min_batch, int) or oom_split_min_batch < 1:
+            raise ValueError(f"`oom_split_min_batch` must be an int >= 1, got {oom_split_min_batch!r}.")
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"`stage` must be 1, 2 or 3, got {stage!r}.")
         if isinstance(kwargs.get("config"), dict):
@@ -107,6 +115,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         self.generation_module_path = generation_module
         self.inference_backend = inference_backend
         self.cache_frozen_weights = cache_frozen_weights
+        self.oom_split_min_batch = oom_split_min_batch
         self.backend: str | None = None  # the one picked at setup
         self.generation_stats: GenerationStats | None = None
         self._step_times = StepTimes()
@@ -191,7 +200,9 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         super().setup(trainer)
 
     def _engine_factory(self):
-        options = EngineOptions(self.generation_module_path, self.backend, self.cache_frozen_weights)
+        options = EngineOptions(
+            self.generation_module_path, self.backend, self.cache_frozen_weights, self.oom_split_min_batch
+        )
         return functools.partial(HybridEngine, options=options)
 
     @contextmanager
@@ -294,6 +305,46 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         if failed and failure is None:
             rank, report = failed[0]
             raise RuntimeError(f"Generation failed on rank {rank} of {self.world_size}: {report}")
+
+    # -- checkpoints and export ------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        if self._in_generation:
+            raise RuntimeError(
+                "A checkpoint was requested inside `strategy.generation()`, where the actor's weights hold fused"
+                " LoRA. Save after the block."
+            )
+        if isinstance(self.model, HybridEngine):  # the sampling stream, for an exact resume
+            checkpoint = {**checkpoint, "hybrid_engine": {"generation_rng": self.model.generation_rng}}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        engine = self.model
+        if isinstance(engine, HybridEngine):
+            if engine.frozen_cache is not None:
+                engine.frozen_cache.clear()  # loaded weights: no cached copy can be trusted
+            saved = checkpoint.get("hybrid_engine")
+            if saved:
+                engine.generation_rng = saved["generation_rng"]
+        return checkpoint
+
+    def export_actor(self, directory: str | Path, merge_lora: bool = True) -> None:
+        """Write the actor as a Hugging Face directory (call on every rank; rank 0 writes).
+
+        ``merge_lora=True``: one model with LoRA merged. ``False`` (PEFT): the base model in
+        ``directory`` and the adapter in ``directory/adapter``.
+        """
+        if self._in_generation:
+            raise RuntimeError("export_actor() cannot run inside `strategy.generation()`: call it after the block.")
+        engine = self.hybrid_engine
+        module = engine.generation_module
+        if engine.Z3_enabled:
+            engine.empty_partition_cache()  # let ZeRO-3's own prefetches land before gathering
+        with GatheredParameters(list(module.parameters()), enabled=engine.Z3_enabled):
+            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        if self.is_global_zero:
+            write_hf_directory(module, state, Path(directory), merge_lora)
+        self.barrier("export_actor")
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """One call: ``with self.generation() as actor: return actor.generate(*args, **kwargs)``.

@@ -177,6 +177,7 @@ def fit(
     steps: int = 2,
     loader: DataLoader | None = None,
     val_loader: DataLoader | None = None,
+    ckpt_path=None,
     **trainer_kwargs,
 ):
     """A short CPU fit with nothing written to disk unless asked."""
@@ -194,5 +195,5 @@ def fit(
     )
     kwargs.update(trainer_kwargs)
     trainer = Trainer(strategy=strategy, **kwargs)
-    trainer.fit(module, loader or prompt_loader(), val_loader)
+    trainer.fit(module, loader or prompt_loader(), val_loader, ckpt_path=ckpt_path)
     return trainer
