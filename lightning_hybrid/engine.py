@@ -156,11 +156,14 @@ class HybridEngine(DeepSpeedHybridEngine):
         # DeepSpeed's version also times training for its print()ed report; our metrics do that.
         DeepSpeedEngine.step(self, lr_kwargs=lr_kwargs)
 
-    def materializer(self):
-        """The object that makes the generation module's weights whole for one context."""
+    def materializer(self, trainable: set[int]):
+        """The object that makes the generation module's weights whole for one context.
+
+        ``trainable``: ids of the parameters that required grad before the context began.
+        """
         module = self.generation_module
         if not self.Z3_enabled:
             return NoGather(module)
         if self.gather_all_layers:
-            return PinnedGather(module, self, self.frozen_cache)
+            return PinnedGather(module, self, self.frozen_cache, trainable)
         return LayerwiseGather(module, self, self.settings.tp_gather_partition_size)

@@ -60,8 +60,16 @@ def missing_params(params, engine: nn.Module) -> list[torch.Tensor]:
     partitioned is ours to gather and to partition again.
     """
     params = [p for p in params if is_zero3_param(p)]
-    if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
-        engine.empty_partition_cache()  # waits for in-flight all-gathers, then releases them
+    inflight = [p for p in params if p.ds_status == ZeroParamStatus.INFLIGHT]
+    if inflight:
+        coordinator = zero3_offload(engine).get_param_coordinator()
+        # Wait for ZeRO-3's own prefetch handles; they mark the params AVAILABLE, and ZeRO-3
+        # releases them on its schedule. The registry is private: fail loudly if it moved.
+        registry = getattr(coordinator, "_PartitionedParameterCoordinator__inflight_param_registry", None)
+        if registry is None:
+            raise RuntimeError("This DeepSpeed version hides ZeRO-3's in-flight parameters; please report it.")
+        for param in inflight:
+            registry.pop(param).wait()
     return [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
 
 
@@ -121,11 +129,11 @@ class FrozenWeightCache:
     def _stamp(param: torch.Tensor) -> tuple[int, int]:
         return param.ds_tensor.data_ptr(), param.ds_tensor._version
 
-    def lookup(self, param: torch.Tensor) -> torch.Tensor | None:
+    def lookup(self, param: torch.Tensor, frozen: bool) -> torch.Tensor | None:
         entry = self.entries.get(id(param))
         if entry is None:
             return None
-        if param.requires_grad or entry[1:] != self._stamp(param):
+        if not frozen or entry[1:] != self._stamp(param):
             del self.entries[id(param)]
             return None
         return entry[0]
@@ -146,8 +154,10 @@ class PinnedGather:
 
     collectives_per_forward = False
 
-    def __init__(self, module: nn.Module, engine: nn.Module, cache: FrozenWeightCache | None = None) -> None:
-        self.module, self.engine, self.cache = module, engine, cache
+    def __init__(
+        self, module: nn.Module, engine: nn.Module, cache: FrozenWeightCache | None, trainable: set[int]
+    ) -> None:
+        self.module, self.engine, self.cache, self.trainable = module, engine, cache, trainable
         self.fusion = LoraFusion()
         self._hooks: DetachedZeroHooks | None = None
         self._gathered: GatheredParameters | None = None
@@ -159,7 +169,8 @@ class PinnedGather:
         self._hooks = DetachedZeroHooks(self.module, self.engine)
         to_gather = []
         for param in missing_params(self.module.parameters(), self.engine):
-            full = self.cache.lookup(param) if self.cache is not None else None
+            frozen = id(param) not in self.trainable
+            full = self.cache.lookup(param, frozen) if self.cache is not None else None
             if full is None:
                 to_gather.append(param)
             else:
@@ -170,7 +181,7 @@ class PinnedGather:
         self._gathered.__enter__()
         if self.cache is not None:
             for param in to_gather:
-                if not param.requires_grad:
+                if id(param) not in self.trainable:
                     self.cache.store(param)
         self.fuse_s = _timed(self.fusion.fuse, lora_modules(self.module))
         return self
@@ -179,7 +190,8 @@ class PinnedGather:
         try:
             self.fusion.unfuse()
             for param, placeholder in self._swapped:
-                param.data = placeholder
+                if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # still ours, not re-fetched by ZeRO-3
+                    param.data = placeholder
             self._swapped.clear()
             if self._gathered is not None:
                 self._gathered.__exit__(None, None, None)

@@ -87,6 +87,7 @@ class GenerationContext:
     # -- entering ----------------------------------------------------------------------
     def __enter__(self) -> nn.Module:
         self.peak = PeakMemory(self.engine.device)
+        self.trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
         try:
             self._switch_modes()
             self._swap_rng()
@@ -138,7 +139,7 @@ class GenerationContext:
 
     def _materialize(self) -> None:
         watch = Stopwatch()
-        self.materializer = self.engine.materializer()
+        self.materializer = self.engine.materializer(self.trainable)
         self._stack.enter_context(self.materializer)
         entered = watch.lap()
         self.stats.fuse_s = self.materializer.fuse_s

@@ -34,6 +34,7 @@ from torch import nn
 from .config import INFERENCE_BACKENDS, HybridEngineSettings, InferenceBackend, merge_hybrid_block, zero_stage
 from .engine import EngineOptions, HybridEngine, resolve_generation_module, select_backend
 from .export import write_hf_directory
+from .gather import missing_params
 from .generation import GenerationContext, check_generate_request
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 
@@ -338,9 +339,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             raise RuntimeError("export_actor() cannot run inside `strategy.generation()`: call it after the block.")
         engine = self.hybrid_engine
         module = engine.generation_module
-        if engine.Z3_enabled:
-            engine.empty_partition_cache()  # let ZeRO-3's own prefetches land before gathering
-        with GatheredParameters(list(module.parameters()), enabled=engine.Z3_enabled):
+        params = missing_params(module.parameters(), engine) if engine.Z3_enabled else []
+        with GatheredParameters(params, enabled=bool(params)):
             state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         if self.is_global_zero:
             write_hf_directory(module, state, Path(directory), merge_lora)

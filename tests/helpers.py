@@ -144,7 +144,8 @@ class RolloutModule(LightningModule):
     """A minimal RLHF-shaped module: generate in the step, then train the actor on a loss.
 
     ``on_step(module, batch)`` runs inside ``training_step`` before the loss, e.g. to generate
-    and record what the test checks.
+    and record what the test checks. ``before_step(module)`` runs in ``on_train_batch_start``,
+    outside the engine's forward: the place to gather whole weights for a reference.
     """
 
     def __init__(
@@ -154,8 +155,13 @@ class RolloutModule(LightningModule):
         self.actor = actor
         self.reference = extra  # e.g. a frozen reference model with its own generate
         self.on_step = on_step
+        self.before_step: Callable | None = None
         self.lr = lr
         self.losses: list[float] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.before_step is not None:
+            self.before_step(self)
 
     def training_step(self, batch, batch_idx):
         ids, mask = batch

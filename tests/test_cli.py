@@ -11,14 +11,22 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent / "scripts" / "cli.py"
-COMMON = ["fit", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=2",
-          "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"]
+COMMON = [
+    "fit",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.max_steps=2",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def run_cli(*args: str) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(SCRIPT), *COMMON, *args], env=env, capture_output=True, text=True,
-                            timeout=180)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *COMMON, *args], env=env, capture_output=True, text=True, timeout=180
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("STRATEGY "))
     return json.loads(line.removeprefix("STRATEGY "))
@@ -31,14 +39,18 @@ def test_registered_name():
 
 
 def test_class_path_with_init_args():
-    report = run_cli("--trainer.strategy=lightning_hybrid.HybridEngineStrategy",
-                     "--trainer.strategy.max_out_tokens=256", "--trainer.strategy.pin_parameters=false")
+    report = run_cli(
+        "--trainer.strategy=lightning_hybrid.HybridEngineStrategy",
+        "--trainer.strategy.max_out_tokens=256",
+        "--trainer.strategy.pin_parameters=false",
+    )
     assert report["class"] == "HybridEngineStrategy" and report["stage"] == 3
     assert report["hybrid_engine"]["max_out_tokens"] == 256 and report["hybrid_engine"]["pin_parameters"] is False
 
 
-@pytest.mark.parametrize("class_path", ["lightning_hybrid.HybridEngineStrategy",
-                                        "lightning_hybrid.strategy.HybridEngineStrategy"])
+@pytest.mark.parametrize(
+    "class_path", ["lightning_hybrid.HybridEngineStrategy", "lightning_hybrid.strategy.HybridEngineStrategy"]
+)
 def test_yaml_config(tmp_path, class_path):
     config = tmp_path / "run.yaml"
     config.write_text(

@@ -26,7 +26,9 @@ def test_peft_fused_weights_equal_merge_and_unload(dtype):
             assert torch.equal(module.get_base_layer().weight, reference.get_submodule(ref_name).weight), name
     ids, mask = prompts()
     with torch.no_grad():
-        torch.testing.assert_close(actor(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            actor(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits
+        )
     fusion.unfuse()
     assert not any(m.merged for m in lora_modules(actor))
 
@@ -71,7 +73,9 @@ def test_peft_multiple_adapters_fuse_only_the_active_one():
     fusion.fuse(lora_modules(actor))
     ids, mask = prompts()
     with torch.no_grad():
-        torch.testing.assert_close(actor(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            actor(input_ids=ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits
+        )
     fusion.unfuse()
 
 

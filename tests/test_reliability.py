@@ -36,8 +36,9 @@ def test_out_of_memory_retries_in_halves():
         handle = oom_above(module.actor, rows=1)
         try:
             with pytest.warns(UserWarning, match="Out of memory generating 4 sequences"):
-                got["out"] = module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=6,
-                                                              do_sample=False)
+                got["out"] = module.trainer.strategy.generate(
+                    ids, attention_mask=mask, max_new_tokens=6, do_sample=False
+                )
         finally:
             handle.remove()
         got["stats"] = module.trainer.strategy.generation_stats
@@ -90,12 +91,20 @@ def run(steps: int, record: Record, ckpt_path=None, callbacks=()):
 
     def on_step(module, batch):
         with module.trainer.strategy.generation() as actor:
-            record.samples[module.global_step] = actor.generate(ids, attention_mask=mask, max_new_tokens=6,
-                                                                do_sample=True)
+            record.samples[module.global_step] = actor.generate(
+                ids, attention_mask=mask, max_new_tokens=6, do_sample=True
+            )
 
     module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05)
-    trainer = fit(module, HybridEngineStrategy(config=ds_config(3)), steps=steps, callbacks=[record, *callbacks],
-                  loader=prompt_loader(n=4), ckpt_path=ckpt_path, enable_checkpointing=bool(callbacks))
+    trainer = fit(
+        module,
+        HybridEngineStrategy(config=ds_config(3)),
+        steps=steps,
+        callbacks=[record, *callbacks],
+        loader=prompt_loader(n=4),
+        ckpt_path=ckpt_path,
+        enable_checkpointing=bool(callbacks),
+    )
     return module, trainer
 
 
@@ -147,14 +156,16 @@ def test_checkpoint_holds_unfused_weights_and_export_loads_in_transformers_and_p
 def test_two_runs_in_one_process():
     """Two Trainers, one after the other, each with its own engine, both correct."""
     ids, mask = prompts()
-    want = merged_reference(add_peft_lora(tiny_llama())).generate(ids, attention_mask=mask, max_new_tokens=5,
-                                                                 do_sample=False)
+    want = merged_reference(add_peft_lora(tiny_llama())).generate(
+        ids, attention_mask=mask, max_new_tokens=5, do_sample=False
+    )
     outputs = []
 
     def on_step(module, batch):
         if module.global_step == 0:
-            outputs.append(module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=5,
-                                                            do_sample=False))
+            outputs.append(
+                module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+            )
 
     engines = []
     for _ in range(2):

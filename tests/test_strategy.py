@@ -99,8 +99,14 @@ class ValidatingModule(RolloutModule):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_validation_in_fit_runs_the_training_model(stage):
     module = ValidatingModule(tiny_llama())
-    fit(module, HybridEngineStrategy(config=ds_config(stage)), steps=2, val_check_interval=1,
-        limit_val_batches=1, val_loader=prompt_loader(n=2))
+    fit(
+        module,
+        HybridEngineStrategy(config=ds_config(stage)),
+        steps=2,
+        val_check_interval=1,
+        limit_val_batches=1,
+        val_loader=prompt_loader(n=2),
+    )
     assert module.seen, "validation ran"
     for in_inference, actor_training, stats, enabled in module.seen:
         assert not in_inference and not actor_training and enabled
@@ -117,8 +123,15 @@ def test_validate_alone_keeps_the_hybrid_engine_and_can_generate():
             outputs.append(self.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
 
     strategy = HybridEngineStrategy(config=ds_config(3))
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False,
-                      limit_val_batches=1, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=1,
+        enable_model_summary=False,
+    )
     trainer.validate(Module(tiny_llama()), prompt_loader())
     engine = trainer.strategy.model
     assert isinstance(engine, HybridEngine) and engine._config.hybrid_engine.enabled
@@ -130,8 +143,9 @@ def test_validate_alone_keeps_the_hybrid_engine_and_can_generate():
 def test_fit_on_cuda(stage):
     """On a GPU: the same fit, one process, and the context's greedy tokens equal the plain model's."""
     ids, mask = prompts()
-    reference = tiny_llama().cuda().generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=5,
-                                             do_sample=False).cpu()
+    reference = (
+        tiny_llama().cuda().generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=5, do_sample=False).cpu()
+    )
     got = []
 
     def on_step(module, batch):

@@ -23,6 +23,7 @@ from deepspeed.runtime.zero import GatheredParameters  # noqa: E402
 from helpers import RolloutModule, add_peft_lora, ds_config, fit, merged_reference, prompts, tiny_llama  # noqa: E402
 
 from lightning_hybrid import HybridEngineStrategy  # noqa: E402
+from lightning_hybrid.gather import missing_params  # noqa: E402
 
 
 def all_equal_across_ranks(tensor: torch.Tensor) -> bool:
@@ -32,8 +33,7 @@ def all_equal_across_ranks(tensor: torch.Tensor) -> bool:
 
 
 def whole_reference(module) -> torch.nn.Module:
-    module.trainer.strategy.model.empty_partition_cache()
-    with GatheredParameters(list(module.actor.parameters())):
+    with GatheredParameters(missing_params(module.actor.parameters(), module.trainer.strategy.model)):
         state = {k: v.detach().clone() for k, v in module.actor.state_dict().items()}
     fresh = add_peft_lora(tiny_llama())
     fresh.load_state_dict(state)
@@ -57,15 +57,15 @@ def scenario_fit(args) -> None:
         assert torch.equal(got, want), f"rank {rank} step {module.global_step}: context != unsharded reference"
         checks.append(module.global_step)
 
-    strategy = HybridEngineStrategy(config=ds_config(args.stage), pin_parameters=bool(args.pin),
-                                    tp_gather_partition_size=1)
+    strategy = HybridEngineStrategy(
+        config=ds_config(args.stage), pin_parameters=bool(args.pin), tp_gather_partition_size=1
+    )
     module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05)
     trainer = fit(module, strategy, steps=3, devices=2)
     assert checks == [0, 1, 2]
     assert all(math.isfinite(loss) for loss in module.losses)
     # The ranks hold one model: every weight, gathered, is the same on both.
-    trainer.strategy.model.empty_partition_cache()
-    with GatheredParameters(list(module.actor.parameters())):
+    with GatheredParameters(missing_params(module.actor.parameters(), trainer.strategy.model)):
         flat = torch.cat([p.detach().flatten().float() for p in module.actor.parameters()])
     assert all_equal_across_ranks(flat), "ranks disagree on the weights"
     losses = torch.tensor(module.losses)
@@ -82,12 +82,18 @@ def scenario_eos(args) -> None:
         with module.trainer.strategy.generation() as actor:
             first = actor.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)[:, -1]
             eos = int(first[0]) if rank == 0 else -1  # rank 1: an EOS that never comes
-            out = actor.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=12, do_sample=False,
-                                 eos_token_id=eos if eos >= 0 else None)
+            out = actor.generate(
+                ids[:1],
+                attention_mask=mask[:1],
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=eos if eos >= 0 else None,
+            )
         lengths.append(out.shape[1] - ids.shape[1])
 
-    strategy = HybridEngineStrategy(config=ds_config(3), pin_parameters=bool(args.pin), tp_gather_partition_size=1,
-                                    timeout=timedelta(seconds=60))
+    strategy = HybridEngineStrategy(
+        config=ds_config(3), pin_parameters=bool(args.pin), tp_gather_partition_size=1, timeout=timedelta(seconds=60)
+    )
     module = RolloutModule(tiny_llama(), on_step, lr=0.0)
     fit(module, strategy, steps=1, devices=2)
     rank = torch_dist.get_rank()

@@ -1,0 +1,68 @@
+"""benchmarks/generation.py runs end to end on a tiny model: every row, the table, the JSON.
+
+Harness correctness only: the numbers of a tiny model on a shared CPU mean nothing, so
+nothing here asserts on time or memory beyond "measured".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "generation.py"
+TIMEOUT_S = 600
+
+
+def test_generation_benchmark_tiny(tmp_path):
+    out = tmp_path / "generation.json"
+    cmd = [sys.executable, str(SCRIPT), "--model", "tiny", "--processes", "2", "--batch", "2"]
+    cmd += ["--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--json", str(out)]
+    # The script launches its own ranks; variables of an outer launcher would make it a worker.
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        output, _ = proc.communicate()
+        pytest.fail(f"benchmark did not finish in {TIMEOUT_S} s:\n{output[-5000:]}")
+    assert proc.returncode == 0, output[-5000:]
+
+    report = json.loads(out.read_text())
+    rows = {row["row"]: row for row in report["rows"]}
+    assert sorted(rows) == list(range(1, 9))
+    assert rows[6]["status"].startswith("n/a")
+    measured = [1, 2, 3, 4, 5, 7, 8]
+    for n in measured:
+        row = rows[n]
+        assert row["status"] == "ok", row
+        assert row["outputs_equal_row1"] is True, f"row {n}: greedy output differs from row 1"
+        assert row["tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
+        assert len(row["peak_memory_bytes_per_rank"]) == 2
+    for n in (3, 4, 5, 7, 8):  # rows with a mode switch
+        assert rows[n]["switch_s"] is not None and rows[n]["switch_s"] >= 0
+    assert rows[1]["ratio_to_row1"] == 1.0
+    assert report["all_gather_s"] > 0
+    assert report["config"]["processes"] == 2
+    assert set(report["targets"]) == {
+        "row4_ge_0.95x_row1",
+        "row4_ge_9x_row2",
+        "row5_peak_below_row4",
+        "row8_switch_le_10pct_row7",
+        "row8_ge_0.95x_row1",
+    }
+
+    table = [line for line in output.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| # | method | tokens/s")
+    for n in range(1, 9):
+        assert any(line.startswith(f"| {n} | ") for line in table), f"row {n} missing from the table"
+    assert any(line.startswith("| 6 | ") and "n/a" in line for line in table)
