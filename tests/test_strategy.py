@@ -8,7 +8,16 @@ import pytest
 import torch
 from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from helpers import RolloutModule, add_peft_lora, ds_config, fit, prompt_loader, prompts, tiny_llama
+from helpers import (
+    RolloutModule,
+    add_peft_lora,
+    ds_config,
+    fit,
+    merged_reference,
+    prompt_loader,
+    prompts,
+    tiny_llama,
+)
 from lightning.pytorch import Trainer
 
 from lightning_hybrid import HybridEngine, HybridEngineStrategy
@@ -139,21 +148,23 @@ def test_validate_alone_keeps_the_hybrid_engine_and_can_generate():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("stage", [2, 3])
-def test_fit_on_cuda(stage):
-    """On a GPU: the same fit, one process, and the context's greedy tokens equal the plain model's."""
-    ids, mask = prompts()
-    reference = (
-        tiny_llama().cuda().generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=5, do_sample=False).cpu()
-    )
+@pytest.mark.parametrize("stage,pin", [(2, True), (3, True), (3, False)])
+def test_fit_on_cuda(stage, pin):
+    """On a GPU: the same fit, one process, PEFT LoRA; the context's greedy tokens equal the merged policy's."""
+    ids, mask = (t.cuda() for t in prompts())
+    actor = add_peft_lora(tiny_llama())
+    reference = merged_reference(actor).cuda().generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     got = []
 
     def on_step(module, batch):
-        with module.trainer.strategy.generation() as actor:
-            got.append(actor.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=5, do_sample=False))
+        with module.trainer.strategy.generation() as policy:
+            got.append(policy.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+        got.append(module.trainer.strategy.generation_stats)
 
-    module = RolloutModule(tiny_llama(), on_step, lr=0.0)
-    trainer = fit(module, HybridEngineStrategy(config=ds_config(stage)), steps=2, accelerator="gpu")
+    module = RolloutModule(actor, on_step, lr=0.0)
+    strategy = HybridEngineStrategy(config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1)
+    trainer = fit(module, strategy, steps=2, accelerator="gpu")
     assert isinstance(trainer.strategy.model, HybridEngine)
     assert trainer.strategy.root_device.type == "cuda"
-    assert torch.equal(got[0].cpu(), reference) and torch.equal(got[1].cpu(), reference)
+    assert torch.equal(got[0], reference) and torch.equal(got[2], reference)
+    assert got[1].peak_memory_bytes > 0 and got[1].tokens_per_s > 0
