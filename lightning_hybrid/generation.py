@@ -35,11 +35,17 @@ def _setting(module: nn.Module, kwargs: dict[str, Any], name: str, default: Any 
     return getattr(_generation_config(module, kwargs), name, default)
 
 
+def _prompt(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The (batch, length) prompt of a ``generate`` call: ids, or embeddings seen through their first channel."""
+    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if prompt is None and isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+        prompt = kwargs["inputs_embeds"][..., 0]
+    return prompt
+
+
 def check_generate_request(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
     """Validates a ``generate`` call before any work; returns (prompt ids, new-token budget)."""
-    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if prompt is None and kwargs.get("inputs_embeds") is not None:
-        prompt = kwargs["inputs_embeds"][..., 0]
+    prompt = _prompt(args, kwargs)
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
         raise ValueError(
             "generate() needs `input_ids` as a 2-D (batch, length) tensor, got"
@@ -191,7 +197,7 @@ class GenerationContext:
         """Generate; on out-of-memory, free the workspace and retry each half of the batch."""
         if args:
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
-        prompt = kwargs["input_ids"]
+        prompt = _prompt(args, kwargs)
         own_cache = any(kwargs.get(k) is not None for k in CACHE_KWARGS)
         attempt = dict(kwargs)
         self._attach_workspace(prompt, attempt)
