@@ -203,3 +203,32 @@ def fit(
     trainer = Trainer(strategy=strategy, **kwargs)
     trainer.fit(module, loader or prompt_loader(), val_loader, ckpt_path=ckpt_path)
     return trainer
+
+
+# Variables an in-process fit leaves in os.environ (Lightning sets them for DeepSpeed). A child
+# process that inherits them believes it is one rank of a finished job and waits forever.
+_RANK_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """A clean environment for a script that launches its own ranks, on a free port."""
+    import os
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore", **extra)
+    return env

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "cli.py"
 COMMON = [
@@ -23,9 +23,8 @@ COMMON = [
 
 
 def run_cli(*args: str) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *COMMON, *args], env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, str(SCRIPT), *COMMON, *args], env=subprocess_env(), capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("STRATEGY "))

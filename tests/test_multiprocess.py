@@ -5,27 +5,19 @@ Each run gets its own port and a hard timeout, so a hang fails the test instead 
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_ranks.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(SCRIPT), *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
