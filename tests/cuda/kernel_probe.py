@@ -21,11 +21,25 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 def tiny(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "opt":
-        config = OPTConfig(vocab_size=512, hidden_size=256, ffn_dim=1024, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=256)
+        config = OPTConfig(
+            vocab_size=512,
+            hidden_size=256,
+            ffn_dim=1024,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=256,
+        )
         return OPTForCausalLM(config)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -40,11 +54,17 @@ def probe(arch: str) -> dict:
         result["build_s"] = round(time.perf_counter() - start, 1)
         injected = sum("DeepSpeed" in type(m).__name__ for m in engine.module.modules())
         got = engine.module.generate(ids, max_new_tokens=16, do_sample=False)
-        result.update(injected_modules=injected, tokens_equal=bool(torch.equal(got, want)),
-                      token_match=float((got == want).float().mean()))
+        result.update(
+            injected_modules=injected,
+            tokens_equal=bool(torch.equal(got, want)),
+            token_match=float((got == want).float().mean()),
+        )
     except Exception as error:  # the probe reports, it does not judge
-        result.update(build_s=round(time.perf_counter() - start, 1), error=f"{type(error).__name__}: {error}"[:600],
-                      where=traceback.format_exc().splitlines()[-3][:300])
+        result.update(
+            build_s=round(time.perf_counter() - start, 1),
+            error=f"{type(error).__name__}: {error}"[:600],
+            where=traceback.format_exc().splitlines()[-3][:300],
+        )
     return result
 
 
