@@ -70,6 +70,7 @@ ROWS = {
     6: "DeepSpeed kernel backend",
     7: "LoRA: strategy.generation(), re-gather all",
     8: "LoRA: strategy.generation(), cache_frozen_weights=True",
+    9: "strategy.generation(), inference_tp_size=2",
 }
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per row before the repeats")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated row numbers (row 1 always runs)")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated row numbers (row 1 always runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU default: cores / ranks)")
     parser.add_argument("--gather-layers", type=int, default=8, help="tp_gather_partition_size for row 5")
     parser.add_argument("--lora-r", type=int, default=16)
@@ -386,7 +387,7 @@ class Bench:
             engine.destroy()  # removes its hooks; see forget_zero3_modules
 
     # -- rows 4, 5, 7, 8 --------------------------------------------------------------------------
-    def row_strategy(self, pin: bool, lora: bool = False, cache: bool = False) -> dict:
+    def row_strategy(self, pin: bool, lora: bool = False, cache: bool = False, tp: int = 1) -> dict:
 
         actor = self.fresh_model()
         if lora:
@@ -403,6 +404,7 @@ class Bench:
             max_out_tokens=self.args.prompt_len + self.args.new_tokens,
             generation_module="actor",
             cache_frozen_weights=cache,
+            inference_tp_size=tp,
         )
         module = ProbeModule(actor, self.strategy_calls)
         trainer = Trainer(
@@ -455,10 +457,11 @@ class Bench:
             5: lambda: self.row_strategy(pin=False),
             7: lambda: self.row_strategy(pin=True, lora=True),
             8: lambda: self.row_strategy(pin=True, lora=True, cache=True),
+            9: lambda: self.row_strategy(pin=True, tp=2),  # each pair of ranks: one batch, half the weights each
         }
         per_rank = {}
         for row in args.rows:
-            if row == 6:
+            if row == 6 or (row == 9 and self.world % 2):
                 continue
             if self.rank == 0:
                 print(f"[benchmark] row {row}: {ROWS[row]} ...", flush=True)
@@ -607,6 +610,9 @@ def build_report(bench: Bench, all_gather_s: float, per_rank: dict[int, list[dic
             reason = "not built" if bench.cuda else "not built; CUDA only"
             rows.append({"row": 6, "method": ROWS[6], "status": f"n/a ({reason})"})
             continue
+        if row not in per_rank:
+            rows.append({"row": row, "method": ROWS[row], "status": "n/a (needs an even number of processes)"})
+            continue
         rows.append(summarize_row(row, per_rank[row], tokens, all_gather_s))
     by_row = {r["row"]: r for r in rows}
     base = by_row[1]["tokens_per_s"]
@@ -665,6 +671,10 @@ def check_targets(by_row: dict[int, dict]) -> dict:
         targets["row8_switch_le_10pct_row7"] = _target(by_row[8]["switch_s"] / by_row[7]["switch_s"], "<=", 0.10)
     if ok(8):
         targets["row8_ge_0.95x_row1"] = _target(by_row[8]["ratio_to_row1"], ">=", 0.95)
+    if ok(4) and ok(9):
+        targets["row9_peak_below_row4"] = _target(
+            by_row[9]["peak_memory_bytes"] / by_row[4]["peak_memory_bytes"], "<", 1.0
+        )
     return targets
 
 

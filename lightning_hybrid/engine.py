@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import HybridEngineSettings
 from .gather import FrozenWeightCache, LayerwiseGather, NoGather, PinnedGather
+from .tensor_parallel import TensorParallelGather
 from .workspace import InferenceWorkspace
 
 
@@ -164,6 +165,10 @@ class HybridEngine(DeepSpeedHybridEngine):
         module = self.generation_module
         if not self.Z3_enabled:
             return NoGather(module)
+        if self.settings.inference_tp_size > 1:
+            return TensorParallelGather(
+                module, self, self.settings.inference_tp_size, self.settings.tp_gather_partition_size
+            )
         if self.gather_all_layers:
             return PinnedGather(module, self, self.frozen_cache, trainable)
         return LayerwiseGather(module, self, self.settings.tp_gather_partition_size)

@@ -181,7 +181,10 @@ class GenerationContext:
             kwargs["synced_gpus"] = True
         watch = Stopwatch()
         try:
-            output = self._generate_rows(args, kwargs)
+            if getattr(self.materializer, "pools_ranks", False):
+                output = self._generate_pooled(args, kwargs)
+            else:
+                output = self._generate_rows(args, kwargs)
         finally:
             self.stats.generate_s += watch.lap()
             self.peak.sample()
@@ -233,6 +236,23 @@ class GenerationContext:
             width = max(h.shape[1] for h in halves)
             return torch.cat([torch.nn.functional.pad(h, (0, width - h.shape[1]), value=pad) for h in halves])
 
+    def _generate_pooled(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Tensor parallel: the group's prompts generate as one batch (see ``tensor_parallel.py``)."""
+        if len(args) > 1:
+            raise ValueError("With inference_tp_size > 1, pass generate() the prompt, then keywords only.")
+        if args:
+            kwargs = {**kwargs, "input_ids": args[0]}
+        pad = _setting(self.module, kwargs, "pad_token_id")
+        eos = _setting(self.module, kwargs, "eos_token_id")
+        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = eos_ids[0] if pad is None and eos_ids else (0 if pad is None else int(pad))
+
+        def generate(**pooled: Any) -> torch.Tensor:
+            self._attach_workspace(pooled["input_ids"], pooled)
+            return self._original_generate(**pooled)
+
+        return self.materializer.generate(generate, kwargs, pad, eos_ids)
+
     def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
         workspace = self.engine.kv_workspace
         if any(kwargs.get(k) is not None for k in (*CACHE_KWARGS, "cache_implementation")):
@@ -250,7 +270,7 @@ class GenerationContext:
     def __exit__(self, *exc) -> None:
         watch = Stopwatch()
         self.stats.workspace_bytes = max(self.stats.workspace_bytes, self.engine.kv_workspace.nbytes)
-        self._stack.close()
+        self._stack.__exit__(*exc)  # each undo sees the exception, if any (tensor parallelism tells its group)
         self.stats.release_s = watch.lap()
         # Layer-wise gathering and fusing happen during generation: book them where they belong.
         during = self.materializer.layer_gather_s + self.materializer.fuse_s - self.stats.fuse_s

@@ -37,6 +37,7 @@ from .export import write_hf_directory
 from .gather import missing_params
 from .generation import GenerationContext, check_generate_request
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
+from .tensor_parallel import check_tp_support
 
 
 class HybridEngineStrategy(DeepSpeedStrategy):
@@ -107,6 +108,12 @@ class HybridEngineStrategy(DeepSpeedStrategy):
                     f"`inference_tp_size={self.hybrid_settings.inference_tp_size}` needs ZeRO stage 3 (as in"
                     f" DeepSpeed-Chat), but the stage is {self.zero_stage}. Use stage=3 or inference_tp_size=1."
                 )
+        if self.hybrid_settings.inference_tp_size > 1 and (cache_frozen_weights or inference_backend == "deepspeed"):
+            raise ValueError(
+                f"`inference_tp_size={self.hybrid_settings.inference_tp_size}` slices the actor afresh in every"
+                " generation context on the portable path: it cannot be combined with cache_frozen_weights=True or"
+                " inference_backend='deepspeed'."
+            )
         if cache_frozen_weights and (self.zero_stage != 3 or not self.hybrid_settings.pin_parameters):
             raise ValueError(
                 "`cache_frozen_weights=True` keeps ZeRO-3 gathered weights between generations, so it needs stage=3"
@@ -154,11 +161,6 @@ class HybridEngineStrategy(DeepSpeedStrategy):
                 f"`inference_tp_size={tp}` must divide the world size {self.world_size}"
                 f" ({self.num_nodes} node(s) x {self.num_processes} process(es)). Pick a divisor of {self.world_size}."
             )
-        if tp > 1:
-            raise NotImplementedError(
-                "inference_tp_size > 1 is not built yet (DeepSpeed's own path never slices weights without an mpu,"
-                " DeepSpeed issue 3998). Use inference_tp_size=1."
-            )
         if self.inference_backend == "deepspeed":
             select_backend("deepspeed", self.root_device)
         super()._configure_launcher()
@@ -192,8 +194,10 @@ class HybridEngineStrategy(DeepSpeedStrategy):
     # -- engine construction -------------------------------------------------------------
     def setup(self, trainer) -> None:
         assert self.model is not None
-        path, _ = resolve_generation_module(self.model, self.generation_module_path)
+        path, module = resolve_generation_module(self.model, self.generation_module_path)
         self.generation_module_path = path
+        if self.hybrid_settings.inference_tp_size > 1:
+            check_tp_support(module, self.hybrid_settings.inference_tp_size)
         self.backend, why = select_backend(self.inference_backend, self.root_device)
         rank_zero_info(f"HybridEngineStrategy: {why}; generation module {path!r}.")
         if not any(isinstance(c, GenerationMetricsLogger) for c in trainer.callbacks):

@@ -18,7 +18,7 @@ VOCAB = 96
 
 def tiny_llama(seed: int = 0, layers: int = 2, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -30,9 +30,8 @@ def tiny_llama(seed: int = 0, layers: int = 2, **overrides) -> LlamaForCausalLM:
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        **overrides,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
 
 
 def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:

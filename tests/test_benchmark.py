@@ -39,16 +39,16 @@ def test_generation_benchmark_tiny(tmp_path):
 
     report = json.loads(out.read_text())
     rows = {row["row"]: row for row in report["rows"]}
-    assert sorted(rows) == list(range(1, 9))
+    assert sorted(rows) == list(range(1, 10))
     assert rows[6]["status"].startswith("n/a")
-    measured = [1, 2, 3, 4, 5, 7, 8]
+    measured = [1, 2, 3, 4, 5, 7, 8, 9]
     for n in measured:
         row = rows[n]
         assert row["status"] == "ok", row
         assert row["outputs_equal_row1"] is True, f"row {n}: greedy output differs from row 1"
         assert row["tokens_per_s"] > 0 and row["peak_memory_bytes"] > 0
         assert len(row["peak_memory_bytes_per_rank"]) == 2
-    for n in (3, 4, 5, 7, 8):  # rows with a mode switch
+    for n in (3, 4, 5, 7, 8, 9):  # rows with a mode switch
         assert rows[n]["switch_s"] is not None and rows[n]["switch_s"] >= 0
     assert rows[1]["ratio_to_row1"] == 1.0
     assert report["all_gather_s"] > 0
@@ -59,10 +59,11 @@ def test_generation_benchmark_tiny(tmp_path):
         "row5_peak_below_row4",
         "row8_switch_le_10pct_row7",
         "row8_ge_0.95x_row1",
+        "row9_peak_below_row4",
     }
 
     table = [line for line in output.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| # | method | tokens/s")
-    for n in range(1, 9):
+    for n in range(1, 10):
         assert any(line.startswith(f"| {n} | ") for line in table), f"row {n} missing from the table"
     assert any(line.startswith("| 6 | ") and "n/a" in line for line in table)

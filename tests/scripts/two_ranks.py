@@ -20,10 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 from deepspeed.runtime.zero import GatheredParameters  # noqa: E402
-from helpers import RolloutModule, add_peft_lora, ds_config, fit, merged_reference, prompts, tiny_llama  # noqa: E402
+from helpers import (  # noqa: E402
+    RolloutModule,
+    add_peft_lora,
+    ds_config,
+    fit,
+    merged_reference,
+    prompts,
+    tiny_llama,
+    tiny_neox,
+)
 
 from lightning_hybrid import HybridEngineStrategy  # noqa: E402
-from lightning_hybrid.gather import missing_params  # noqa: E402
+from lightning_hybrid.gather import decoder_layers, missing_params  # noqa: E402
 
 
 def all_equal_across_ranks(tensor: torch.Tensor) -> bool:
@@ -32,10 +41,10 @@ def all_equal_across_ranks(tensor: torch.Tensor) -> bool:
     return all(torch.equal(gathered[0], t) for t in gathered)
 
 
-def whole_reference(module) -> torch.nn.Module:
+def whole_reference(module, build=lambda: add_peft_lora(tiny_llama())) -> torch.nn.Module:
     with GatheredParameters(missing_params(module.actor.parameters(), module.trainer.strategy.model)):
         state = {k: v.detach().clone() for k, v in module.actor.state_dict().items()}
-    fresh = add_peft_lora(tiny_llama())
+    fresh = build()
     fresh.load_state_dict(state)
     return merged_reference(fresh)
 
@@ -108,21 +117,79 @@ def scenario_rank_fault(args) -> None:
 
     def on_step(module, batch):
         ids, mask = prompts(batch=2, length=6)
+        fault = module.global_rank == 1 and module.global_step == 1
         with module.trainer.strategy.generation() as actor:
+            if fault and args.tp > 1:  # while rank 0 waits for it to pool prompts
+                raise RuntimeError("injected fault on rank 1")
             actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-            if module.global_rank == 1 and module.global_step == 1:
+            if fault:
                 raise RuntimeError("injected fault on rank 1")
 
-    strategy = HybridEngineStrategy(config=ds_config(3), pin_parameters=bool(args.pin), timeout=timedelta(seconds=20))
+    strategy = HybridEngineStrategy(
+        config=ds_config(3), pin_parameters=bool(args.pin), inference_tp_size=args.tp, timeout=timedelta(seconds=20)
+    )
     fit(RolloutModule(tiny_llama(), on_step), strategy, steps=4, devices=2)
     raise AssertionError("unreachable: the run should have failed")
 
 
+def tp_fit(build, tp: int) -> list[float]:
+    """A fit generating with ``inference_tp_size=tp``: every rank's rows equal the unsharded reference's."""
+
+    def before_step(module):  # outside the engine's forward: the place to gather whole weights
+        module.__dict__["reference_now"] = whole_reference(module, build)  # not a registered submodule
+
+    def on_step(module, batch):
+        rank, step = module.global_rank, module.global_step
+        # Each rank its own prompts: other batch sizes, other lengths, left padding.
+        ids, mask = prompts(batch=2 + rank, length=5 + 3 * rank, seed=10 * step + rank)
+        reference = module.reference_now
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want_logits = reference(input_ids=ids, attention_mask=mask).logits
+        with module.trainer.strategy.generation() as actor:
+            # While generating, each rank holds 1/tp of every decoder layer's linear weights.
+            if tp > 1:
+                held = sum(p.numel() for p in decoder_layers(actor)[0].parameters())
+                whole = sum(p.numel() for p in decoder_layers(reference)[0].parameters())
+                assert held < 0.8 * whole, f"a rank holds {held} of a layer's {whole} weights"
+            got = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            logits = actor(input_ids=ids, attention_mask=mask).logits
+            sampled = actor.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=True)
+        # Back to training: the real layers, whole ZeRO-3 parameters again.
+        assert all(hasattr(p, "ds_id") for p in module.actor.parameters())
+        assert torch.equal(got, want), f"tp={tp} rank {rank} step {step}: {got.tolist()} != {want.tolist()}"
+        real = mask.bool()
+        gap = (logits[real] - want_logits[real]).abs().max().item()
+        assert gap < 1e-5, f"tp={tp} rank {rank} step {step}: log-prob gap {gap}"
+        assert sampled.shape[0] == 1
+        stats = module.trainer.strategy.generation_stats
+        module.peaks.append(stats.peak_memory_bytes)
+
+    strategy = HybridEngineStrategy(config=ds_config(3), inference_tp_size=tp, tp_gather_partition_size=1)
+    module = RolloutModule(build(), on_step, lr=0.05)
+    module.before_step = before_step
+    module.peaks = []
+    fit(module, strategy, steps=3, devices=2)
+    assert len(module.peaks) == 3
+    return module.losses
+
+
+def scenario_tp(args) -> None:
+    """inference_tp_size=2 on 2 ranks: parity per rank, with LoRA and without, then training goes on the same."""
+    lora_llama = lambda: add_peft_lora(tiny_llama())  # noqa: E731
+    sliced = tp_fit(lora_llama, tp=2)
+    whole = tp_fit(lora_llama, tp=1)
+    assert sliced == whole, f"losses after tp=2 generation {sliced} != after tp=1 {whole}"
+    tp_fit(tiny_neox, tp=2)
+    # Three key/value heads on two ranks (as SmolLM2's 9/3): AutoTP splits them 2 + 1.
+    tp_fit(lambda: tiny_llama(hidden_size=96, num_attention_heads=6, num_key_value_heads=3), tp=2)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault"])
+    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp"])
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     globals()[f"scenario_{arguments.scenario}"](arguments)
