@@ -122,6 +122,7 @@ class HybridEngine(DeepSpeedHybridEngine):
                 generation_module,
                 max_out_tokens=hybrid.max_out_tokens,
                 release_inference_cache=hybrid.release_inference_cache,
+                transform_per_forward=self.Z3_enabled and not self.gather_all_layers,
             )
             on_mismatch = "raise" if self.options.requested_backend == KERNEL_BACKEND else "fallback"
             self.kernels = KernelRouting(path, ParityGuard(self.options.kernel_check_interval), on_mismatch)

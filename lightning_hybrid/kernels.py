@@ -156,6 +156,15 @@ def kernel_refusal(module: nn.Module) -> str | None:
                 f"DeepSpeed's kernels are known to break for {arch!r} with transformers {transformers.__version__}:"
                 f" {known.reason} ({known.upstream})"
             )
+    try:
+        describe_layer(layer, policy, layer_id=0, max_out_tokens=64, model_config=base_model(module).config)
+    except Exception as error:  # DeepSpeed's policy reads attributes this transformers layer no longer has
+        import transformers
+
+        return (
+            f"DeepSpeed's {policy.__name__} cannot read transformers {transformers.__version__}'s"
+            f" {type(layer).__name__}: {type(error).__name__}: {error}"
+        )
     unfusable = sorted({type(m).__name__ for m in module.modules() if is_peft_lora(m) and not peft_fusable(m)})
     if unfusable:
         return (
@@ -163,6 +172,35 @@ def kernel_refusal(module: nn.Module) -> str | None:
             " kernels read, and the kernels bypass PEFT's adapter path"
         )
     return None
+
+
+def describe_layer(layer: nn.Module, policy_class: type, *, layer_id: int, max_out_tokens: int, model_config) -> Any:
+    """DeepSpeed's container for ``layer`` with its tensors and config read, kernels not built yet.
+
+    The steps of ``DeepSpeedHybridEngine.new_inference_container`` that are plain Python (no CUDA
+    op), so they also run on CPU: where DeepSpeed's policy cannot read a transformers layer, it
+    fails here.
+    """
+    from deepspeed.inference.config import DeepSpeedInferenceConfig
+    from deepspeed.module_inject.utils import policy_to_ds_container
+
+    container = policy_to_ds_container(
+        policy=policy_class(layer, inference=True),
+        config=DeepSpeedInferenceConfig(
+            set_empty_params=True,
+            dtype=next(layer.parameters()).dtype,
+            max_out_tokens=max_out_tokens,
+            min_out_tokens=max_out_tokens,
+            transposed_mode=True,
+        ),
+        model_config=model_config,
+        layer_id=layer_id,
+        child=layer,
+    )
+    container.set_tensor_parallel_config(1, None)
+    container.initialize_tensors(enable_training=True)
+    container.create_ds_model_config()
+    return container
 
 
 def select_backend(requested: str, device: torch.device, module: nn.Module | None = None) -> tuple[str, str]:
@@ -234,33 +272,27 @@ class KernelPath:
     ``LinearLayer``/``EmbeddingLayer`` replacements only matter for tensor parallelism).
     """
 
-    def __init__(self, module: nn.Module, *, max_out_tokens: int, release_inference_cache: bool) -> None:
-        from deepspeed.inference.config import DeepSpeedInferenceConfig
-        from deepspeed.module_inject.utils import policy_to_ds_container
+    def __init__(
+        self, module: nn.Module, *, max_out_tokens: int, release_inference_cache: bool, transform_per_forward: bool
+    ) -> None:
+        from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
         from deepspeed.ops.transformer.inference.op_binding.workspace import WorkspaceOp
 
         self.module = module
         self.release_inference_cache = release_inference_cache
-        dtype = next(module.parameters()).dtype
+        self.transform_per_forward = transform_per_forward
         model_config = base_model(module).config
+
+        # DeepSpeed numbers kernel layers with a class-level counter and sizes its one global
+        # workspace from it when layer 0 first runs: number this path's layers from 0, so a
+        # second engine in the process (validate after fit, a second fit) gets a workspace of
+        # its own size. One kernel path is in use at a time per process.
+        DeepSpeedTransformerInference.layer_id = 0
         self.layers: list[tuple[nn.Module, Any]] = []
         for layer_id, (layer, policy_class) in enumerate(policy_layers(module)):
-            container = policy_to_ds_container(
-                policy=policy_class(layer, inference=True),
-                config=DeepSpeedInferenceConfig(
-                    set_empty_params=True,
-                    dtype=dtype,
-                    max_out_tokens=max_out_tokens,
-                    min_out_tokens=max_out_tokens,
-                    transposed_mode=True,
-                ),
-                model_config=model_config,
-                layer_id=layer_id,
-                child=layer,
+            container = describe_layer(
+                layer, policy_class, layer_id=layer_id, max_out_tokens=max_out_tokens, model_config=model_config
             )
-            container.set_tensor_parallel_config(1, None)
-            container.initialize_tensors(enable_training=True)
-            container.create_ds_model_config()
             container.create_module()
             container.set_params_wo_copy(Z3_enabled=True)
             self.layers.append((layer, container))
@@ -281,14 +313,23 @@ class KernelPath:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Decoder layers run DeepSpeed's kernels for the block; weights must be gathered and fused already."""
+        """Decoder layers run DeepSpeed's kernels for the block, reading the weights as they are now.
+
+        The weights must be gathered and LoRA fused already: for the whole block (pinned), or by a
+        layer's forward pre-hook (``pin_parameters=False``), in which case the container's layout
+        change (e.g. GPT-NeoX's per-head QKV) happens inside each forward, on the gathered weights.
+        """
         self._retake_workspace()
         switched: list[tuple[nn.Module, Any, Any]] = []  # (layer, container, its own forward or None)
         try:
             for layer, container in self.layers:
-                container.transform_for_inference()  # e.g. GPT-NeoX's per-head QKV layout, undone below
                 switched.append((layer, container, layer.__dict__.get("forward")))
-                layer.forward = container.module.forward  # hooks (ZeRO-3, layer-wise gathers) still fire
+                if self.transform_per_forward:
+                    layer.forward = _transforming(container)
+                else:
+                    container.transform_for_inference()
+                    layer.forward = container.module.forward
+                # Hooks live in __call__, not forward: ZeRO-3's and layer-wise gathering still fire.
             yield
         finally:
             for layer, container, own_forward in reversed(switched):
@@ -296,11 +337,25 @@ class KernelPath:
                     layer.forward = own_forward
                 else:
                     del layer.forward
-                container.transform_for_training()
+                if not self.transform_per_forward:
+                    container.transform_for_training()
             if self.release_inference_cache:
                 self.workspace.release_workspace()
                 gc.collect()
                 torch.cuda.empty_cache()
+
+
+def _transforming(container: Any) -> Callable[..., Any]:
+    """The kernel forward, with the container's inference layout applied and undone around it."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        container.transform_for_inference()
+        try:
+            return container.module.forward(*args, **kwargs)
+        finally:
+            container.transform_for_training()
+
+    return forward
 
 
 # -- the parity guard --------------------------------------------------------------------------

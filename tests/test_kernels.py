@@ -13,7 +13,18 @@ from contextlib import contextmanager
 import pytest
 import torch
 from helpers import RolloutModule, add_peft_lora, ds_config, fit, merged_reference, prompts, tiny_llama, tiny_neox
-from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from lightning_hybrid import GenerationStats, HybridEngineStrategy
 from lightning_hybrid.kernels import (
@@ -46,6 +57,15 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4)).eval()
+
+
+def tiny_gptj() -> GPTJForCausalLM:
+    torch.manual_seed(0)
+    return GPTJForCausalLM(GPTJConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)).eval()
+
+
+def tiny_bloom() -> BloomForCausalLM:
+    return BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=4)).eval()
 
 
 class CorruptedPath:
@@ -83,12 +103,12 @@ def test_auto_on_cpu_picks_the_portable_path_and_says_why():
         "torch",
         "inference_backend='auto' picked the portable path (on CPU: DeepSpeed's kernels need CUDA)",
     )
-    assert select_backend("torch", CUDA, tiny_neox())[0] == "torch"
+    assert select_backend("torch", CUDA, tiny_gptj())[0] == "torch"
 
 
 def test_deepspeed_on_cpu_names_the_setting_and_the_fix():
     with pytest.raises(ValueError, match="inference_backend='deepspeed' needs CUDA") as error:
-        select_backend("deepspeed", CPU, tiny_neox())
+        select_backend("deepspeed", CPU, tiny_gptj())
     assert "Use inference_backend='auto' or 'torch'" in str(error.value)
 
 
@@ -117,8 +137,11 @@ def test_auto_is_said_once_per_strategy(caplog):
         (tiny_opt, ["'opt'", "legacy tuple-cache", "populate_all_inference_policies"]),
         (tiny_qwen2, ["no inference policy for 'qwen2'", "silently fall back", "DeepSpeed issue 4954"]),
         (tiny_gpt2, ["'gpt2'", "HFGPT2LayerPolicy", "inference-only"]),
+        # DeepSpeed's policy itself fails on these transformers layers (measured, no GPU needed):
+        (tiny_neox, ["GPTNEOXLayerPolicy cannot read transformers", "GPTNeoXLayer", "no attribute 'hidden_size'"]),
+        (tiny_bloom, ["BLOOMLayerPolicy cannot read transformers", "BLOOM inference with DeepSpeed is no longer"]),
     ],
-    ids=["llama-cache-api", "opt-cache-api", "no-policy", "inference-only-policy"],
+    ids=["llama-cache-api", "opt-cache-api", "no-policy", "inference-only-policy", "neox-policy", "bloom-policy"],
 )
 def test_deepspeed_on_cuda_refuses_known_breaks_with_reason_and_upstream(make_model, expected):
     with pytest.raises(KernelRefused) as error:
@@ -136,18 +159,18 @@ def test_deepspeed_on_cuda_refuses_known_breaks_with_reason_and_upstream(make_mo
 def test_deepspeed_refuses_lora_the_kernels_cannot_see():
     from peft import LoraConfig, get_peft_model
 
-    dora = get_peft_model(tiny_neox(), LoraConfig(r=4, target_modules=["query_key_value"], use_dora=True))
+    dora = get_peft_model(tiny_gptj(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(KernelRefused, match=r"LoRA layers \['Linear'\] use a variant \(DoRA"):
         select_backend("deepspeed", CUDA, dora)
 
 
 def test_unrefused_architecture_gets_kernels_only_when_asked():
-    actor = add_peft_lora(tiny_neox(), targets=("query_key_value",))
+    actor = add_peft_lora(tiny_gptj(), targets=("q_proj", "v_proj"))
     backend, why = select_backend("deepspeed", CUDA, actor)
     assert backend == "deepspeed" and "not yet verified" in why and "parity guard" in why
     backend, why = select_backend("auto", CUDA, actor)
     assert backend == "torch"
-    assert "no verified DeepSpeed kernel path for 'gpt_neox'" in why
+    assert "no verified DeepSpeed kernel path for 'gptj'" in why
 
 
 def test_kernel_check_interval_is_validated():
