@@ -12,18 +12,20 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import RolloutModule, add_peft_lora, ds_config, fit, merged_reference, prompts, tiny_llama, tiny_neox
-from transformers import (
-    BloomConfig,
-    BloomForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+from helpers import (
+    RolloutModule,
+    add_peft_lora,
+    ds_config,
+    fit,
+    merged_reference,
+    prompts,
+    tiny_bloom,
+    tiny_gpt2,
+    tiny_gptj,
+    tiny_llama,
+    tiny_neox,
+    tiny_opt,
+    tiny_qwen2,
 )
 
 from lightning_hybrid import GenerationStats, HybridEngineStrategy
@@ -38,34 +40,6 @@ from lightning_hybrid.kernels import (
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-
-
-def tiny_opt() -> OPTForCausalLM:
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64
-    )
-    return OPTForCausalLM(config).eval()
-
-
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
-    )
-    return Qwen2ForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4)).eval()
-
-
-def tiny_gptj() -> GPTJForCausalLM:
-    torch.manual_seed(0)
-    return GPTJForCausalLM(GPTJConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)).eval()
-
-
-def tiny_bloom() -> BloomForCausalLM:
-    return BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=4)).eval()
 
 
 class CorruptedPath:
