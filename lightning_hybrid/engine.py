@@ -41,7 +41,7 @@ class EngineOptions:
     cache_frozen_weights: bool = False
     oom_split_min_batch: int = 1  # out of memory: halve the batch down to this many rows
     requested_backend: str = "auto"  # what the user asked for: decides fallback ("auto") or raise
-    kernel_check_interval: int = 1  # parity guard: check the first kernel generation and every N-th (0: never)
+    kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:

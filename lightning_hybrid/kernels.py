@@ -221,8 +221,9 @@ def select_backend(requested: str, device: torch.device, module: nn.Module | Non
             PORTABLE_BACKEND,
             "inference_backend='auto' picked the portable path (on CPU: DeepSpeed's kernels need CUDA)",
         )
-    if module is None:
-        return requested, f"inference_backend={requested!r}: the generation module is not known yet"
+    if module is None:  # the early device check: the rest is decided at setup
+        backend = KERNEL_BACKEND if requested == KERNEL_BACKEND else PORTABLE_BACKEND
+        return backend, f"inference_backend={requested!r}: the generation module is not known yet"
     refusal = kernel_refusal(module)
     if requested == KERNEL_BACKEND:
         if refusal is not None:
