@@ -8,8 +8,8 @@ policy for. This subclass keeps everything else of it (rank-synced RNG, ``Z3_ena
 * ``"torch"``: the portable path. The generation module runs as the Hugging Face model it
   is, with weights materialized by ``gather.py``, LoRA fused by ``lora.py`` and a KV cache
   from ``workspace.py``. Works on any device and any causal LM.
-* ``"deepspeed"``: DeepSpeed's kernel containers. Not available yet: asking for it is an
-  error that says so (see ``select_backend``).
+* ``"deepspeed"``: DeepSpeed's kernel containers for the generation module's decoder layers
+  (CUDA only), under a parity guard against the portable path (see ``kernels.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from torch import nn
 
 from .config import HybridEngineSettings
 from .gather import FrozenWeightCache, LayerwiseGather, NoGather, PinnedGather
+from .kernels import KERNEL_BACKEND, KernelPath, KernelRouting, ParityGuard, select_backend
 from .tensor_parallel import TensorParallelGather
 from .workspace import InferenceWorkspace
+
+__all__ = ["EngineOptions", "HybridEngine", "resolve_generation_module", "select_backend"]
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,11 @@ class EngineOptions:
     """What the strategy tells the engine beyond DeepSpeed's config."""
 
     generation_path: str
-    backend: str  # "torch" (the only one built today)
+    backend: str  # "torch" (portable) or "deepspeed" (kernel containers), as select_backend picked
     cache_frozen_weights: bool = False
     oom_split_min_batch: int = 1  # out of memory: halve the batch down to this many rows
+    requested_backend: str = "auto"  # what the user asked for: decides fallback ("auto") or raise
+    kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
@@ -72,25 +77,6 @@ def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, n
             " Point generation_module at a Hugging Face causal LM (or a PEFT model wrapping one)."
         )
     return path, module
-
-
-def select_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """The inference backend to build, and why; raises where ``requested`` cannot be honoured."""
-    if requested == "torch":
-        return "torch", "inference_backend='torch' was asked for"
-    if requested == "deepspeed":
-        if device.type != "cuda":
-            raise ValueError(
-                f"inference_backend='deepspeed' needs CUDA (DeepSpeed's inference kernels), but this run is on"
-                f" {device.type!r}. Use inference_backend='auto' or 'torch' for the portable path."
-            )
-        raise NotImplementedError(
-            "inference_backend='deepspeed' (DeepSpeed's kernel containers) is not built yet: its Llama kernels break"
-            " with the transformers Cache API (DeepSpeed issues 6522, 5388) and never see PEFT LoRA. Use"
-            " inference_backend='auto' or 'torch'."
-        )
-    reason = "on CPU" if device.type != "cuda" else "no verified DeepSpeed kernel path for this setup"
-    return "torch", f"inference_backend='auto' picked the portable path ({reason})"
 
 
 class HybridEngine(DeepSpeedHybridEngine):
@@ -129,6 +115,18 @@ class HybridEngine(DeepSpeedHybridEngine):
         _, generation_module = resolve_generation_module(self.module, self.options.generation_path)
         # Not a registered submodule: it already is one, inside the LightningModule.
         self.__dict__["generation_module"] = generation_module
+        self.kernels: KernelRouting | None = None
+        if self.options.backend == KERNEL_BACKEND:
+            # Containers for the generation module only; reference/reward models stay as they are.
+            hybrid = self._config.hybrid_engine
+            path = KernelPath(
+                generation_module,
+                max_out_tokens=hybrid.max_out_tokens,
+                release_inference_cache=hybrid.release_inference_cache,
+                transform_per_forward=self.Z3_enabled and not self.gather_all_layers,
+            )
+            on_mismatch = "raise" if self.options.requested_backend == KERNEL_BACKEND else "fallback"
+            self.kernels = KernelRouting(path, ParityGuard(self.options.kernel_check_interval), on_mismatch)
 
     def _seed_generation_rng(self) -> dict[str, torch.Tensor]:
         """A sampling RNG stream of its own, so generation never shifts the training RNG stream.

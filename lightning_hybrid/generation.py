@@ -7,12 +7,14 @@ at any point unwinds exactly what was done, in reverse):
 2. the training RNG stream is set aside and the generation stream swapped in;
 3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``);
 4. ``actor.generate`` is wrapped: requests are checked against ``max_out_tokens`` before any
-   work, the reusable KV cache is passed in, ranks are kept in step where the forward has
-   collectives, out-of-memory batches are split, and time and tokens are counted.
+   work, the call goes through DeepSpeed's kernels where they are on (``kernels.py``, under the
+   parity guard) or else gets the reusable KV cache, ranks are kept in step where the forward
+   has collectives, out-of-memory batches are split, and time and tokens are counted.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from contextlib import ExitStack
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .engine import HybridEngine
+from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
 from .workspace import CACHE_KWARG, CACHE_KWARGS
 
@@ -203,9 +206,8 @@ class GenerationContext:
         prompt = _prompt(args, kwargs)
         own_cache = any(kwargs.get(k) is not None for k in CACHE_KWARGS)
         attempt = dict(kwargs)
-        self._attach_workspace(prompt, attempt)
         try:
-            return self._original_generate(*args, **attempt)
+            return self._generate_once(args, attempt, prompt)
         except torch.OutOfMemoryError as error:
             rows, floor = prompt.shape[0], self.engine.options.oom_split_min_batch
             attempt.clear()
@@ -252,6 +254,21 @@ class GenerationContext:
             return self._original_generate(**pooled)
 
         return self.materializer.generate(generate, kwargs, pad, eos_ids)
+
+    def _generate_once(self, args: tuple, kwargs: dict[str, Any], prompt: torch.Tensor):
+        """One ``generate`` call: through DeepSpeed's kernels where they are on (and pass the guard), else portable."""
+        generate = functools.partial(self._original_generate, *args)
+        routing = self.engine.kernels
+        if routing is not None and routing.enabled:
+            # No StaticCache here: the kernels keep their KV cache in DeepSpeed's own workspace.
+            dtype = next(self.module.parameters()).dtype
+            output = routing.generate(generate, kwargs, self.stats, dtype)
+            if output is not None:
+                self.stats.backend = KERNEL_BACKEND
+                return output
+        self.stats.backend = PORTABLE_BACKEND
+        self._attach_workspace(prompt, kwargs)
+        return generate(**kwargs)
 
     def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
         workspace = self.engine.kv_workspace

@@ -34,6 +34,12 @@ def is_dschat_lora(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("lora_right_weight", "lora_left_weight", "lora_scaling", "weight"))
 
 
+def peft_fusable(layer: nn.Module) -> bool:
+    """Whether a PEFT LoRA layer's active adapters are plain LoRA (no DoRA, no lora_bias): foldable into W."""
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    return all(a not in getattr(layer, "lora_variant", {}) and not layer.lora_bias.get(a, False) for a in adapters)
+
+
 def lora_modules(module: nn.Module) -> list[nn.Module]:
     """Every LoRA layer (either convention) inside ``module``, in module order."""
     return [m for m in module.modules() if is_peft_lora(m) or is_dschat_lora(m)]
@@ -78,9 +84,8 @@ class LoraFusion:
         adapters = [a for a in layer.active_adapters if a in layer.lora_A]
         if not adapters:
             return
-        plain = all(a not in getattr(layer, "lora_variant", {}) and not layer.lora_bias.get(a, False) for a in adapters)
         weight = getattr(layer.get_base_layer(), "weight", None)
-        if not plain or not isinstance(weight, torch.Tensor):
+        if not peft_fusable(layer) or not isinstance(weight, torch.Tensor):
             # DoRA and other variants are exact on PEFT's own (unfused) path: leave them there.
             self.skipped.append(type(layer).__name__)
             return

@@ -29,7 +29,9 @@ class GenerationStats:
     gathered_bytes: int = 0  # bytes all-gathered on entry
     frozen_cache_bytes: int = 0  # resident frozen-weight copies (cache_frozen_weights)
     workspace_bytes: int = 0  # KV cache held
-    backend: str = "torch"
+    kernel_checks: int = 0  # DeepSpeed kernel generations checked against the portable path
+    kernel_fallbacks: int = 0  # checks that failed and switched the run to the portable path ("auto")
+    backend: str = "torch"  # the path the context's last generation took
 
     @property
     def switch_s(self) -> float:

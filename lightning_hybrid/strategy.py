@@ -32,10 +32,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import INFERENCE_BACKENDS, HybridEngineSettings, InferenceBackend, merge_hybrid_block, zero_stage
-from .engine import EngineOptions, HybridEngine, resolve_generation_module, select_backend
+from .engine import EngineOptions, HybridEngine, resolve_generation_module
 from .export import write_hf_directory
 from .gather import missing_params
 from .generation import GenerationContext, check_generate_request
+from .kernels import select_backend
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 from .tensor_parallel import check_tp_support
 
@@ -53,7 +54,14 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         tp_gather_partition_size: decoder layers gathered at once when ``pin_parameters=False``.
         generation_module: dotted attribute path of the generating model inside the
             LightningModule; None picks its only submodule with a ``generate`` method.
-        inference_backend: "torch" (portable), "deepspeed" (kernels) or "auto".
+        inference_backend: "torch" (the portable path), "deepspeed" (DeepSpeed's fused CUDA kernel
+            containers for the generation module; refused with the reason on CPU and for
+            architectures they are known to break) or "auto" (the kernels only where a GPU run
+            verified them, else the portable path; says which, once).
+        kernel_check_interval: parity guard for the kernels: the first kernel generation and every
+            N-th after it are compared with the portable path on a small probe (greedy tokens and
+            logits); 1 checks every generation, 0 never. A mismatch raises with the numbers
+            ("deepspeed") or switches the run to the portable path with one warning ("auto").
         cache_frozen_weights: ZeRO-3 with ``pin_parameters=True``: keep full copies of the
             actor's frozen weights between generation contexts, so each entry gathers only
             the trainable ones (LoRA). Costs the frozen weights' full size on every rank.
@@ -77,6 +85,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         inference_backend: InferenceBackend = "auto",
         cache_frozen_weights: bool = False,
         oom_split_min_batch: int = 1,
+        kernel_check_interval: int = 100,
         **kwargs: Any,
     ) -> None:
         settings = HybridEngineSettings(
@@ -94,6 +103,12 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             raise TypeError(f"`cache_frozen_weights` must be a bool, got {cache_frozen_weights!r}.")
         if isinstance(oom_split_min_batch, bool) or not isinstance(oom_split_min_batch, int) or oom_split_min_batch < 1:
             raise ValueError(f"`oom_split_min_batch` must be an int >= 1, got {oom_split_min_batch!r}.")
+        if isinstance(kernel_check_interval, bool) or not isinstance(kernel_check_interval, int):
+            raise TypeError(f"`kernel_check_interval` must be an int, got {kernel_check_interval!r}.")
+        if kernel_check_interval < 0:
+            raise ValueError(
+                f"`kernel_check_interval` must be >= 0 (0 never checks the kernels), got {kernel_check_interval}."
+            )
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"`stage` must be 1, 2 or 3, got {stage!r}.")
         if isinstance(kwargs.get("config"), dict):
@@ -124,7 +139,9 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         self.inference_backend = inference_backend
         self.cache_frozen_weights = cache_frozen_weights
         self.oom_split_min_batch = oom_split_min_batch
+        self.kernel_check_interval = kernel_check_interval
         self.backend: str | None = None  # the one picked at setup
+        self._said: set[str] = set()  # backend choices already reported, so each is said once
         self.generation_stats: GenerationStats | None = None
         self._step_times = StepTimes()
         self._in_generation = False
@@ -194,19 +211,27 @@ class HybridEngineStrategy(DeepSpeedStrategy):
     # -- engine construction -------------------------------------------------------------
     def setup(self, trainer) -> None:
         assert self.model is not None
-        path, module = resolve_generation_module(self.model, self.generation_module_path)
+        path, generation_module = resolve_generation_module(self.model, self.generation_module_path)
         self.generation_module_path = path
         if self.hybrid_settings.inference_tp_size > 1:
-            check_tp_support(module, self.hybrid_settings.inference_tp_size)
-        self.backend, why = select_backend(self.inference_backend, self.root_device)
-        rank_zero_info(f"HybridEngineStrategy: {why}; generation module {path!r}.")
+            check_tp_support(generation_module, self.hybrid_settings.inference_tp_size)
+        self.backend, why = select_backend(self.inference_backend, self.root_device, generation_module)
+        message = f"HybridEngineStrategy: {why}; generation module {path!r}."
+        if message not in self._said:
+            self._said.add(message)
+            rank_zero_info(message)
         if not any(isinstance(c, GenerationMetricsLogger) for c in trainer.callbacks):
             trainer.callbacks.append(GenerationMetricsLogger(self._step_times))
         super().setup(trainer)
 
     def _engine_factory(self):
         options = EngineOptions(
-            self.generation_module_path, self.backend, self.cache_frozen_weights, self.oom_split_min_batch
+            self.generation_module_path,
+            self.backend,
+            self.cache_frozen_weights,
+            self.oom_split_min_batch,
+            requested_backend=self.inference_backend,
+            kernel_check_interval=self.kernel_check_interval,
         )
         return functools.partial(HybridEngine, options=options)
 

@@ -35,6 +35,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .gather import DetachedZeroHooks, decoder_layers, is_zero3_param, missing_params
+from .kernels import base_model
 from .lora import LoraFusion, is_dschat_lora, is_peft_lora, lora_modules
 
 # Architectures whose tensor-parallel generation equals the unsharded model's, token for
@@ -51,11 +52,6 @@ _MODULE_HOOKS = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
-
-
-def base_model(module: nn.Module) -> nn.Module:
-    """The Hugging Face model under any PEFT wrapping."""
-    return module.get_base_model() if callable(getattr(module, "get_base_model", None)) else module
 
 
 def check_tp_support(module: nn.Module, tp_size: int) -> None:

@@ -11,7 +11,24 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB = 96
 
@@ -48,6 +65,61 @@ def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
         eos_token_id=2,
     )
     return GPTNeoXForCausalLM(config).eval()
+
+
+# Other architectures, for DeepSpeed's kernel policies (tests/test_kernels.py, tests/cuda/).
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+def tiny_gptj(seed: int = 0) -> GPTJForCausalLM:
+    torch.manual_seed(seed)
+    config = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, pad_token_id=0, eos_token_id=2)
+    return GPTJForCausalLM(config).eval()
+
+
+def tiny_gpt_neo(seed: int = 0) -> GPTNeoForCausalLM:
+    torch.manual_seed(seed)
+    config = GPTNeoConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global"], 2]],
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return GPTNeoForCausalLM(config).eval()
+
+
+def tiny_bloom(seed: int = 0) -> BloomForCausalLM:
+    torch.manual_seed(seed)
+    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    return Qwen2ForCausalLM(config).eval()
 
 
 def add_peft_lora(model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1) -> nn.Module:
