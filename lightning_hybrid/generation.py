@@ -25,7 +25,7 @@ from torch import nn
 from .engine import HybridEngine
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
-from .workspace import CACHE_KWARG, CACHE_KWARGS
+from .workspace import CACHE_KWARGS, cache_kwarg
 
 
 def _generation_config(module: nn.Module, kwargs: dict[str, Any]):
@@ -154,6 +154,7 @@ class GenerationContext:
         self.stats.fuse_s = self.materializer.fuse_s
         self.stats.gather_s = entered - self.materializer.fuse_s
         self.stats.gathered_bytes = self.materializer.gathered_bytes
+        self.stats.sliced_bytes = getattr(self.materializer, "sliced_bytes", 0)
         if self.engine.frozen_cache is not None:
             self.stats.frozen_cache_bytes = self.engine.frozen_cache.nbytes
 
@@ -280,7 +281,7 @@ class GenerationContext:
         num_return = _setting(self.module, kwargs, "num_return_sequences", 1) or 1
         rows = prompt.shape[0] * (num_beams if num_beams > 1 else num_return)
         dtype = next(self.module.parameters()).dtype
-        kwargs[CACHE_KWARG] = workspace.acquire(self.module, rows, dtype, prompt.device)
+        kwargs[cache_kwarg(self.module)] = workspace.acquire(self.module, rows, dtype, prompt.device)
         self.stats.workspace_bytes = workspace.nbytes
 
     # -- leaving -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ class GenerationStats:
     gathered_bytes: int = 0  # bytes all-gathered on entry
     frozen_cache_bytes: int = 0  # resident frozen-weight copies (cache_frozen_weights)
     workspace_bytes: int = 0  # KV cache held
+    sliced_bytes: int = 0  # inference_tp_size > 1: this rank's tensor-parallel slices
     kernel_checks: int = 0  # DeepSpeed kernel generations checked against the portable path
     kernel_fallbacks: int = 0  # checks that failed and switched the run to the portable path ("auto")
     backend: str = "torch"  # the path the context's last generation took

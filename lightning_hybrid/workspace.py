@@ -14,10 +14,18 @@ import warnings
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, StaticCache
+from transformers import StaticCache
 
-# The keyword `generate` takes a cache by: `cache` in recent transformers, `past_key_values` before.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.generate).parameters else "past_key_values"
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword ``generate`` takes a cache by: ``cache`` in recent transformers, ``past_key_values`` before.
+
+    ``generate``'s own signature hides it in ``**kwargs``; the model's forward names it.
+    """
+    base = getattr(model, "get_base_model", lambda: model)()
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 
 

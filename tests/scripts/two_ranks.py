@@ -162,6 +162,7 @@ def tp_fit(build, tp: int) -> list[float]:
         assert gap < 1e-5, f"tp={tp} rank {rank} step {step}: log-prob gap {gap}"
         assert sampled.shape[0] == 1
         stats = module.trainer.strategy.generation_stats
+        assert (stats.sliced_bytes > 0) == (tp > 1), stats
         module.peaks.append(stats.peak_memory_bytes)
 
     strategy = HybridEngineStrategy(config=ds_config(3), inference_tp_size=tp, tp_gather_partition_size=1)
