@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per row before the repeats")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated row numbers (row 1 always runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU default: cores / ranks)")
-    parser.add_argument("--gather-layers", type=int, default=8, help="tp_gather_partition_size for row 5")
+    parser.add_argument("--gather-layers", type=int, default=8, help="tp_gather_partition_size for rows 5 and 9")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-targets", default="q_proj,v_proj", help="PEFT target modules for rows 7-8")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/generation_<model>.json")

@@ -32,6 +32,7 @@ class GenerationStats:
     sliced_bytes: int = 0  # inference_tp_size > 1: this rank's tensor-parallel slices
     kernel_checks: int = 0  # DeepSpeed kernel generations checked against the portable path
     kernel_fallbacks: int = 0  # checks that failed and switched the run to the portable path ("auto")
+    peak_memory_bytes_per_rank: list[int] = field(default_factory=list)  # ZeRO-3, several ranks: every rank's
     backend: str = "torch"  # the path the context's last generation took
 
     @property
@@ -44,7 +45,8 @@ class GenerationStats:
         return self.new_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        out = {k: v for k, v in asdict(self).items() if k != "backend"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("backend", "peak_memory_bytes_per_rank")}
+        out.update({f"peak_memory_bytes_rank{r}": v for r, v in enumerate(self.peak_memory_bytes_per_rank)})
         out.update(switch_s=self.switch_s, tokens_per_s=self.tokens_per_s)
         return out
 
@@ -104,7 +106,10 @@ class GenerationMetricsLogger(Callback):
         total = GenerationStats()
         for stats in self.step.contexts:
             for name, value in asdict(stats).items():
-                if name == "peak_memory_bytes" or name.endswith("_bytes"):
+                if name == "peak_memory_bytes_per_rank":
+                    before = total.peak_memory_bytes_per_rank
+                    total.peak_memory_bytes_per_rank = [max(a, b) for a, b in zip(value, before)] if before else value
+                elif name.endswith("_bytes"):
                     setattr(total, name, max(getattr(total, name), value))
                 elif name != "backend":
                     setattr(total, name, getattr(total, name) + value)

@@ -320,18 +320,20 @@ class HybridEngineStrategy(DeepSpeedStrategy):
                 self._step_times.generation_s += time.perf_counter() - started
                 self._step_times.contexts.append(context.stats)
             if engine.Z3_enabled and self.world_size > 1:
-                self._raise_if_any_rank_failed(failure)
+                self._raise_if_any_rank_failed(failure, context.stats)
 
-    def _raise_if_any_rank_failed(self, failure: BaseException | None) -> None:
+    def _raise_if_any_rank_failed(self, failure: BaseException | None, stats: GenerationStats) -> None:
         """Under ZeRO-3 every rank leaves the context together: share whether one failed.
 
         Without this, a rank that raised leaves the others waiting in their next collective
-        until the process-group timeout, and they die with a bare "connection closed".
+        until the process-group timeout, and they die with a bare "connection closed". The
+        same exchange carries each rank's peak memory, for the logger on rank 0.
         """
         mine = None if failure is None else f"{type(failure).__name__}: {failure}"
-        reports: list[str | None] = [None] * self.world_size
-        torch.distributed.all_gather_object(reports, mine)
-        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        reports: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(reports, (mine, stats.peak_memory_bytes))
+        stats.peak_memory_bytes_per_rank = [peak for _, peak in reports]
+        failed = [(rank, report) for rank, (report, _) in enumerate(reports) if report is not None]
         if failed and failure is None:
             rank, report = failed[0]
             raise RuntimeError(f"Generation failed on rank {rank} of {self.world_size}: {report}")

@@ -163,6 +163,7 @@ def tp_fit(build, tp: int) -> list[float]:
         assert sampled.shape[0] == 1
         stats = module.trainer.strategy.generation_stats
         assert (stats.sliced_bytes > 0) == (tp > 1), stats
+        assert len(stats.peak_memory_bytes_per_rank) == 2 and min(stats.peak_memory_bytes_per_rank) > 0, stats
         module.peaks.append(stats.peak_memory_bytes)
 
     strategy = HybridEngineStrategy(config=ds_config(3), inference_tp_size=tp, tp_gather_partition_size=1)
