@@ -167,6 +167,14 @@ class TensorParallelGather:
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> TensorParallelGather:
+        try:
+            self._materialize()
+        except BaseException as error:  # undo what was done, and tell the group
+            self.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def _materialize(self) -> None:
         self._hooks = DetachedZeroHooks(self.module, self.engine)
         resident = missing_params(self.resident, self.engine)
         self.gathered_bytes = sum(p.ds_numel * p.element_size() for p in resident)
@@ -183,7 +191,6 @@ class TensorParallelGather:
         if self.head is not None:
             self._slice([self.head], _slots(self.module, [self.head]), self._slice_head)
         self._wrap_forward()
-        return self
 
     def _slice(self, originals: list[nn.Module], slots: list[tuple[nn.Module, str]], build: Callable) -> None:
         """Gathers ``originals`` from ZeRO-3, fuses their LoRA, swaps in sliced skeletons, releases them."""
