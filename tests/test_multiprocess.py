@@ -40,6 +40,7 @@ def test_rank_dependent_eos_finishes():
         # Rank 0 is waiting to pool prompts with rank 1 when rank 1 fails.
         (2, "ValueError: Tensor-parallel generation: rank 1 of its group: RuntimeError: injected fault"),
     ],
+    ids=["tp1", "tp2"],
 )
 def test_a_rank_failing_inside_generation_ends_the_run_on_every_rank(tp, rank0_error):
     result = run("rank_fault", "--tp", str(tp), timeout=180)
