@@ -100,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- launcher -------------------------------------------------------------------------------
-def launch(args: argparse.Namespace) -> int:
-    """Starts one worker per rank (this script again, with torchrun-style variables) and waits."""
+def launch(args: argparse.Namespace, script: str = __file__) -> int:
+    """Starts one worker per rank (``script`` again, with torchrun-style variables) and waits."""
 
     cuda = torch.cuda.is_available()
     world = args.processes or (torch.cuda.device_count() if cuda else 2)
@@ -116,7 +116,7 @@ def launch(args: argparse.Namespace) -> int:
     procs = []
     for rank in range(world):
         env_rank = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
-        cmd = [sys.executable, __file__, *sys.argv[1:]]
+        cmd = [sys.executable, script, *sys.argv[1:]]
         procs.append(subprocess.Popen(cmd, env=env_rank, preexec_fn=_die_with_parent))
     code = 0
     try:

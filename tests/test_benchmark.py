@@ -66,3 +66,16 @@ def test_generation_benchmark_tiny(tmp_path):
     for n in range(1, 9):
         assert any(line.startswith(f"| {n} | ") for line in table), f"row {n} missing from the table"
     assert any(line.startswith("| 6 | ") and "n/a" in line for line in table)
+
+
+def test_switch_breakdown_tiny():
+    script = ROOT / "benchmarks" / "switch_breakdown.py"
+    cmd = [sys.executable, str(script), "--model", "tiny", "--processes", "2", "--batch", "2", "--prompt-len", "8"]
+    cmd += ["--new-tokens", "2", "--contexts", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    for part in ("enter: all-gather", "enter: fuse LoRA", "exit: restore ZeRO-3 hooks", "**enter total**"):
+        assert f"| {part} |" in output, part
+    assert "greedy tokens equal in every context: yes" in output
