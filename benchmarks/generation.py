@@ -592,6 +592,11 @@ def summarize_row(row: int, ranks: list[dict], tokens: int, all_gather_s: float)
         summary["first_context_switch_s"] = _max_over_ranks(ranks, "switch_s", 0)
         summary["enter_s"] = statistics.median(_max_over_ranks(ranks, "enter_s", i) for i in timed)
         summary["exit_s"] = statistics.median(_max_over_ranks(ranks, "exit_s", i) for i in timed)
+        # Where the switch goes (GenerationStats, slowest rank per repeat): gather, fuse LoRA, release.
+        summary["switch_parts_s"] = {
+            part: statistics.median(max(r["records"][i]["stats"][part] for r in ranks) for i in timed)
+            for part in ("gather_s", "fuse_s", "release_s")
+        }
     if "gather_s" in first:
         summary["gather_s"] = statistics.median(_max_over_ranks(ranks, "gather_s", i) for i in timed)
     return summary
@@ -703,6 +708,12 @@ def markdown_table(report: dict) -> str:
         )
         if r["other_processes_cores"] > 0.25:
             contended.append(f"{r['row']} ({r['other_processes_cores']:.2f})")
+    parts = [r for r in report["rows"] if r.get("switch_parts_s")]
+    if parts:
+        lines.append("")
+        for r in parts:
+            split = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r["switch_parts_s"].items())
+            lines.append(f"row {r['row']} switch (s): {split}")
     if contended:
         lines += [
             "",

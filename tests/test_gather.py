@@ -172,3 +172,34 @@ def test_hooks_of_others_keep_their_order_and_changes_made_inside_the_context():
 
     fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=1)
     assert seen["after"] == seen["want"] and len(seen["want"]) > 2
+
+
+def test_a_failure_while_gathering_undoes_the_swaps_and_the_detached_hooks(monkeypatch):
+    from lightning_hybrid import gather
+
+    ids, mask = prompts()
+    seen = {}
+
+    def failing_enter(self):
+        raise RuntimeError("injected gather failure")
+
+    def on_step(module, batch):
+        if module.global_step != 1:  # the cache is full by now: this entry swaps cached copies in first
+            with module.trainer.strategy.generation() as actor:
+                actor.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+            return
+        before = (snapshot(module), sharding_state(module.actor), hook_state(module))
+        with monkeypatch.context() as patch:
+            patch.setattr(gather.CoalescedGather, "__enter__", failing_enter)
+            with pytest.raises(RuntimeError, match="injected gather failure"):
+                with module.trainer.strategy.generation():
+                    pass
+        after = (snapshot(module), sharding_state(module.actor), hook_state(module))
+        assert after[1:] == before[1:]
+        assert all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+        seen["ok"] = True
+
+    config = ds_config(3, stage3_prefetch_bucket_size=0)
+    module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.0)
+    fit(module, HybridEngineStrategy(config=config, cache_frozen_weights=True), steps=3)
+    assert seen["ok"]
