@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -255,11 +256,14 @@ class Bench:
         for i in range(self.args.warmup + self.args.repeats):
             dist.barrier()
             wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             record = call()
             # To tell, on rank 0, how much CPU other processes took during the call.
             record["call_s"] = time.perf_counter() - wall
             record["cpu_s"] = time.process_time() - cpu
             record["machine_busy_s"] = machine_busy_s() - busy
+            # Pages first touched during the call: memory handed back to the OS and faulted in again.
+            record["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             sequences = record.pop("sequences").cpu()
             if self.reference is None:
                 self.reference = sequences
@@ -584,6 +588,7 @@ def summarize_row(row: int, ranks: list[dict], tokens: int, all_gather_s: float)
         "outputs_equal_row1": all(rec["equal_to_row1"] for r in ranks for rec in r["records"]),
         "wall_s": max(r["wall_s"] for r in ranks),
         "other_processes_cores": max(_other_cores(ranks, i) for i in timed),
+        "minor_faults_per_call": statistics.median(max(r["records"][i]["minor_faults"] for r in ranks) for i in timed),
         "load_average_1min": ranks[0]["load_average_1min"],
     }
     first = ranks[0]["records"][0]
