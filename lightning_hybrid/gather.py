@@ -9,8 +9,8 @@ handles, so ZeRO-3's prefetch trace never notices.
 Three ways to materialize, all with the hooks detached:
 
 * ``PinnedGather`` (``pin_parameters=True``): the whole module gathered once (small params in
-  one coalesced collective), held for the whole context. Optionally keeps frozen weights gathered between contexts
-  (``FrozenWeightCache``), so only the trainable ones move each time.
+  one coalesced collective), held for the whole context. Optionally keeps frozen weights
+  gathered between contexts (``FrozenWeightCache``), so only the trainable ones move each time.
 * ``LayerwiseGather`` (``pin_parameters=False``): the non-layer weights stay gathered, the
   decoder layers are gathered ``tp_gather_partition_size`` at a time during each forward
   and released after, bounding memory at the cost of collectives on every forward.
