@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -101,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- launcher -------------------------------------------------------------------------------
-def launch(args: argparse.Namespace) -> int:
-    """Starts one worker per rank (this script again, with torchrun-style variables) and waits."""
+def launch(args: argparse.Namespace, script: str = __file__) -> int:
+    """Starts one worker per rank (``script`` again, with torchrun-style variables) and waits."""
 
     cuda = torch.cuda.is_available()
     world = args.processes or (torch.cuda.device_count() if cuda else 2)
@@ -117,7 +118,7 @@ def launch(args: argparse.Namespace) -> int:
     procs = []
     for rank in range(world):
         env_rank = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
-        cmd = [sys.executable, __file__, *sys.argv[1:]]
+        cmd = [sys.executable, script, *sys.argv[1:]]
         procs.append(subprocess.Popen(cmd, env=env_rank, preexec_fn=_die_with_parent))
     code = 0
     try:
@@ -256,11 +257,14 @@ class Bench:
         for i in range(self.args.warmup + self.args.repeats):
             dist.barrier()
             wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_s()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             record = call()
             # To tell, on rank 0, how much CPU other processes took during the call.
             record["call_s"] = time.perf_counter() - wall
             record["cpu_s"] = time.process_time() - cpu
             record["machine_busy_s"] = machine_busy_s() - busy
+            # Pages first touched during the call: memory handed back to the OS and faulted in again.
+            record["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             sequences = record.pop("sequences").cpu()
             if self.reference is None:
                 self.reference = sequences
@@ -587,6 +591,7 @@ def summarize_row(row: int, ranks: list[dict], tokens: int, all_gather_s: float)
         "outputs_equal_row1": all(rec["equal_to_row1"] for r in ranks for rec in r["records"]),
         "wall_s": max(r["wall_s"] for r in ranks),
         "other_processes_cores": max(_other_cores(ranks, i) for i in timed),
+        "minor_faults_per_call": statistics.median(max(r["records"][i]["minor_faults"] for r in ranks) for i in timed),
         "load_average_1min": ranks[0]["load_average_1min"],
     }
     first = ranks[0]["records"][0]
@@ -595,6 +600,11 @@ def summarize_row(row: int, ranks: list[dict], tokens: int, all_gather_s: float)
         summary["first_context_switch_s"] = _max_over_ranks(ranks, "switch_s", 0)
         summary["enter_s"] = statistics.median(_max_over_ranks(ranks, "enter_s", i) for i in timed)
         summary["exit_s"] = statistics.median(_max_over_ranks(ranks, "exit_s", i) for i in timed)
+        # Where the switch goes (GenerationStats, slowest rank per repeat): gather, fuse LoRA, release.
+        summary["switch_parts_s"] = {
+            part: statistics.median(max(r["records"][i]["stats"][part] for r in ranks) for i in timed)
+            for part in ("gather_s", "fuse_s", "release_s")
+        }
     if "gather_s" in first:
         summary["gather_s"] = statistics.median(_max_over_ranks(ranks, "gather_s", i) for i in timed)
     return summary
@@ -713,6 +723,12 @@ def markdown_table(report: dict) -> str:
         )
         if r["other_processes_cores"] > 0.25:
             contended.append(f"{r['row']} ({r['other_processes_cores']:.2f})")
+    parts = [r for r in report["rows"] if r.get("switch_parts_s")]
+    if parts:
+        lines.append("")
+        for r in parts:
+            split = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r["switch_parts_s"].items())
+            lines.append(f"row {r['row']} switch (s): {split}")
     if contended:
         lines += [
             "",

@@ -8,9 +8,9 @@ handles, so ZeRO-3's prefetch trace never notices.
 
 Three ways to materialize, all with the hooks detached:
 
-* ``PinnedGather`` (``pin_parameters=True``): one coalesced all-gather of the whole module,
-  held for the whole context. Optionally keeps frozen weights gathered between contexts
-  (``FrozenWeightCache``), so only the trainable ones move each time.
+* ``PinnedGather`` (``pin_parameters=True``): the whole module gathered once (small params in
+  one coalesced collective), held for the whole context. Optionally keeps frozen weights
+  gathered between contexts (``FrozenWeightCache``), so only the trainable ones move each time.
 * ``LayerwiseGather`` (``pin_parameters=False``): the non-layer weights stay gathered, the
   decoder layers are gathered ``tp_gather_partition_size`` at a time during each forward
   and released after, bounding memory at the cost of collectives on every forward.
@@ -23,7 +23,6 @@ right before it is released (see ``lora.py``).
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -83,39 +82,50 @@ def zero3_offload(engine: nn.Module):
 
 
 class DetachedZeroHooks:
-    """Takes ZeRO-3's hooks off every submodule of ``module``; ``restore()`` puts them back in place."""
+    """Takes ZeRO-3's hooks off ``modules`` (a model's ``modules()``); ``restore()`` puts them back in place."""
 
-    def __init__(self, module: nn.Module, engine: nn.Module) -> None:
+    def __init__(self, modules: list[nn.Module], engine: nn.Module) -> None:
         offload = zero3_offload(engine)
-        handles = list(offload.forward_hooks) + list(offload.backward_hooks)
-        ours = {id(getattr(m, name)): m for m in module.modules() for name in _HOOK_DICTS}
-        self._order: dict[int, tuple[dict, list]] = {}  # dict id -> (dict, original key order)
-        self._removed: list[tuple[dict, int, object]] = []
-        for handle in handles:
-            for ref in (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())):
-                hooks = ref() if isinstance(ref, weakref.ref) else None
-                if hooks is None or id(hooks) not in ours or handle.id not in hooks:
+        # Hook ids are unique in the process (RemovableHandle.next_id): a key is ZeRO-3's iff it is one
+        # of its handles' ids. One pass over our modules' hook dicts, not one weakref per handle.
+        zero_ids = {handle.id for handle in (*offload.forward_hooks, *offload.backward_hooks)}
+        # Per hook dict: its items as they were, and which of them are ZeRO-3's.
+        self._detached: list[tuple[dict, list, set]] = []
+        for m in modules:
+            for name in _HOOK_DICTS:
+                hooks = getattr(m, name)
+                zero = {key for key in hooks if key in zero_ids} if hooks else None
+                if not zero:
                     continue
-                self._order.setdefault(id(hooks), (hooks, list(hooks)))
-                self._removed.append((hooks, handle.id, hooks.pop(handle.id)))
+                items = list(hooks.items())
+                if len(zero) == len(items):
+                    hooks.clear()  # the common case: only ZeRO-3's hooks there
+                else:
+                    for key in zero:
+                        del hooks[key]
+                self._detached.append((hooks, items, zero))
 
     def restore(self) -> None:
-        for hooks, key, value in self._removed:
-            hooks[key] = value
-        for hooks, order in self._order.values():
-            # Put ZeRO-3's hooks back where they were; hooks added meanwhile go last.
-            items = dict(hooks)
+        for hooks, items, zero in self._detached:
+            if not hooks and len(zero) == len(items):
+                hooks.update(items)  # nothing added meanwhile: as they were
+                continue
+            # Put ZeRO-3's hooks back where they were, keep the others that are still there, and
+            # hooks added meanwhile go last.
+            current = dict(hooks)
             hooks.clear()
-            for key in order + [k for k in items if k not in order]:
-                if key in items:
-                    hooks[key] = items[key]
-        self._removed.clear()
-        self._order.clear()
+            for key, value in items:
+                if key in zero:
+                    hooks[key] = value
+                elif key in current:
+                    hooks[key] = current.pop(key)
+            hooks.update(current)
+        self._detached.clear()
 
 
 @dataclass
 class FrozenWeightCache:
-    """Full copies of frozen ZeRO-3 weights, kept between generation contexts.
+    """Full copies of frozen ZeRO-3 weights, kept between generation contexts (and scratch to fuse LoRA into).
 
     An entry is valid while the parameter stays frozen and its partition is untouched: any
     write to the partition (``load_state_dict``, a checkpoint load, ``GatheredParameters``
@@ -124,6 +134,9 @@ class FrozenWeightCache:
     """
 
     entries: dict[int, tuple[torch.Tensor, int, int]] = field(default_factory=dict)  # id(param) -> (full, ptr, ver)
+    # Scratch for the fused LoRA weights (``W + delta``), rewritten by every context: no allocation
+    # per context, and the cached originals are never touched.
+    fused_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def _stamp(param: torch.Tensor) -> tuple[int, int]:
@@ -143,10 +156,39 @@ class FrozenWeightCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.fused_buffers.clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(full.numel() * full.element_size() for full, _, _ in self.entries.values())
+        tensors = [full for full, _, _ in self.entries.values()] + list(self.fused_buffers.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class CoalescedGather:
+    """Gathers many small ZeRO-3 params in one collective, and partitions them again on exit.
+
+    ``GatheredParameters`` launches one all-gather per parameter: 120 of them for the LoRA of
+    SmolLM2 (about 1 ms each over gloo), where the bytes are nothing. This is ZeRO-3's own
+    prefetch path (``all_gather_coalesced``: one flat buffer per dtype, then one copy per
+    param into its own tensor), worth it only for small params.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+
+    def __enter__(self) -> CoalescedGather:
+        if self.params:
+            self.params[0].all_gather_coalesced(self.params).wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.params:
+            self.params[0].partition(param_list=self.params, has_been_updated=False)
+
+
+# Params up to this many elements are gathered coalesced (LoRA A/B, norms, biases): the copy out of
+# the flat buffer costs less than a collective's latency. Weight matrices go one collective each.
+COALESCE_MAX_NUMEL = 1 << 18
 
 
 class PinnedGather:
@@ -158,45 +200,62 @@ class PinnedGather:
         self, module: nn.Module, engine: nn.Module, cache: FrozenWeightCache | None, trainable: set[int]
     ) -> None:
         self.module, self.engine, self.cache, self.trainable = module, engine, cache, trainable
-        self.fusion = LoraFusion()
+        self.fusion = LoraFusion(buffers=cache.fused_buffers if cache is not None else None)
         self._hooks: DetachedZeroHooks | None = None
-        self._gathered: GatheredParameters | None = None
-        self._swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, partitioned placeholder)
+        self._gathered: list = []  # the gathers to undo, in order
+        self._swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, placeholder, cached)
         self.gathered_bytes = 0
         self.fuse_s = self.layer_gather_s = 0.0
 
     def __enter__(self) -> PinnedGather:
-        self._hooks = DetachedZeroHooks(self.module, self.engine)
+        try:
+            self._enter()
+        except BaseException:
+            self.__exit__()  # undo what was done: the caller's exit stack never saw this context
+            raise
+        return self
+
+    def _enter(self) -> None:
+        modules = list(self.module.modules())  # walked once: a deep model's tree walk costs milliseconds
+        self._hooks = DetachedZeroHooks(modules, self.engine)
         to_gather = []
         for param in missing_params(self.module.parameters(), self.engine):
             frozen = id(param) not in self.trainable
             full = self.cache.lookup(param, frozen) if self.cache is not None else None
             if full is None:
                 to_gather.append(param)
-            else:
-                self._swapped.append((param, param.data))
-                param.data = full
+                continue
+            self._swapped.append((param, param.data, full))
+            param.data = full
+            # Marked gathered, as a gather would: inside training_step ZeRO-3's parameter getter
+            # all-gathers any param it sees partitioned, and would replace the copy on first use.
+            param.ds_status = ZeroParamStatus.AVAILABLE
         self.gathered_bytes = sum(p.ds_numel * p.element_size() for p in to_gather)
-        self._gathered = GatheredParameters(to_gather)
-        self._gathered.__enter__()
+        small = [p for p in to_gather if p.ds_numel <= COALESCE_MAX_NUMEL]
+        large = [p for p in to_gather if p.ds_numel > COALESCE_MAX_NUMEL]
+        for gather in (CoalescedGather(small), GatheredParameters(large)):
+            gather.__enter__()
+            self._gathered.append(gather)
         if self.cache is not None:
             for param in to_gather:
                 if id(param) not in self.trainable:
                     self.cache.store(param)
-        self.fuse_s = _timed(self.fusion.fuse, lora_modules(self.module))
-        return self
+        self.fuse_s = _timed(self.fusion.fuse, lora_modules(modules))
 
     def __exit__(self, *exc) -> None:
         try:
             self.fusion.unfuse()
-            for param, placeholder in self._swapped:
-                if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # still ours, not re-fetched by ZeRO-3
+            for param, placeholder, full in self._swapped:
+                # Still the copy we put there (unfuse restored the very tensor): partitioned again, as
+                # a release would. Anything else is ZeRO-3's own doing, left to it.
+                if param.ds_status == ZeroParamStatus.AVAILABLE and param.data.data_ptr() == full.data_ptr():
                     param.data = placeholder
+                    param.ds_status = ZeroParamStatus.NOT_AVAILABLE
             self._swapped.clear()
-            if self._gathered is not None:
-                self._gathered.__exit__(None, None, None)
+            while self._gathered:
+                self._gathered.pop().__exit__(None, None, None)
         finally:
-            self._gathered = None
+            self._gathered.clear()
             if self._hooks is not None:
                 self._hooks.restore()
                 self._hooks = None
@@ -243,7 +302,7 @@ class LayerwiseGather:
         self.fuse_s = self.layer_gather_s = 0.0
 
     def __enter__(self) -> LayerwiseGather:
-        self._hooks = DetachedZeroHooks(self.module, self.engine)
+        self._hooks = DetachedZeroHooks(list(self.module.modules()), self.engine)
         self._other = GatheredParameters(self.other)
         self._other.__enter__()
         in_groups = {id(m) for group in self.groups for layer in group for m in layer.modules()}

@@ -96,7 +96,8 @@ class GenerationContext:
     # -- entering ----------------------------------------------------------------------
     def __enter__(self) -> nn.Module:
         self.peak = PeakMemory(self.engine.device)
-        self.trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
+        self.params = list(self.module.parameters())
+        self.trainable = {id(p) for p in self.params if p.requires_grad}
         try:
             self._switch_modes()
             self._swap_rng()
@@ -111,7 +112,7 @@ class GenerationContext:
     def _switch_modes(self) -> None:
         engine, module = self.engine, self.module
         modes = [(m, m.training) for m in engine.module.modules()]
-        grads = [(p, p.requires_grad) for p in module.parameters()]
+        grads = [(p, p.requires_grad) for p in self.params]
 
         def restore() -> None:
             for p, flag in grads:

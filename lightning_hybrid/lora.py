@@ -6,10 +6,11 @@ Two conventions are understood:
 * DeepSpeed-Chat's ``LinearLayer_LoRA`` (``lora_right_weight``, ``lora_left_weight``,
   ``lora_scaling``, ``fuse_lora``).
 
-Fusing never edits a weight in place. The base parameter's ``.data`` is pointed at a new
-tensor ``W + delta`` and, on unfuse, pointed back at the original tensor object, so the
-base weights come back bit for bit however many cycles run (``W + d - d`` does not, in
-bf16). Under ZeRO-3 this happens on gathered weights, before they are released.
+Fusing never edits a weight in place. The base parameter's ``.data`` is pointed at another
+tensor holding ``W + delta`` (new, or a scratch buffer the caller keeps) and, on unfuse,
+pointed back at the original tensor object, so the base weights come back bit for bit
+however many cycles run (``W + d - d`` does not, in bf16). Under ZeRO-3 this happens on
+gathered weights, before they are released.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def is_peft_lora(module: nn.Module) -> bool:
 
 
 def is_dschat_lora(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("lora_right_weight", "lora_left_weight", "lora_scaling", "weight"))
+    # `"lora_right_weight" in _parameters` first: hasattr on a module without it raises inside
+    # nn.Module.__getattr__, which costs milliseconds over a model's thousand modules.
+    return "lora_right_weight" in module._parameters and all(
+        hasattr(module, a) for a in ("lora_left_weight", "lora_scaling", "weight")
+    )
 
 
 def peft_fusable(layer: nn.Module) -> bool:
@@ -40,9 +45,10 @@ def peft_fusable(layer: nn.Module) -> bool:
     return all(a not in getattr(layer, "lora_variant", {}) and not layer.lora_bias.get(a, False) for a in adapters)
 
 
-def lora_modules(module: nn.Module) -> list[nn.Module]:
-    """Every LoRA layer (either convention) inside ``module``, in module order."""
-    return [m for m in module.modules() if is_peft_lora(m) or is_dschat_lora(m)]
+def lora_modules(module: nn.Module | list[nn.Module]) -> list[nn.Module]:
+    """Every LoRA layer (either convention) inside ``module`` (or among a list of modules), in module order."""
+    modules = module.modules() if isinstance(module, nn.Module) else module
+    return [m for m in modules if is_peft_lora(m) or is_dschat_lora(m)]
 
 
 @dataclass
@@ -56,11 +62,28 @@ class _Fused:
 
 @dataclass
 class LoraFusion:
-    """Fuses the LoRA layers it is given and undoes exactly that on ``unfuse()``."""
+    """Fuses the LoRA layers it is given and undoes exactly that on ``unfuse()``.
+
+    ``buffers`` (optional, kept by the caller between fusions): a scratch tensor per fused
+    weight that receives ``W + delta`` each time, instead of a new allocation. It is never the
+    original: the base weight still comes back as the very tensor it was.
+    """
 
     fused: list[_Fused] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    buffers: dict[int, torch.Tensor] | None = None  # id(weight param) -> scratch for its fused value
 
+    def _fused_out(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The scratch tensor for ``weight``'s fused value, or None to allocate a new one."""
+        if self.buffers is None:
+            return None
+        original = weight.data
+        buffer = self.buffers.get(id(weight))
+        if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype:
+            buffer = self.buffers[id(weight)] = torch.empty_like(original, memory_format=torch.contiguous_format)
+        return buffer
+
+    @torch.no_grad()
     def fuse(self, layers: list[nn.Module]) -> None:
         for layer in layers:
             if is_peft_lora(layer):
@@ -90,15 +113,16 @@ class LoraFusion:
             self.skipped.append(type(layer).__name__)
             return
         original = weight.data
+        deltas = [layer.get_delta_weight(adapter) for adapter in adapters]
+        if any(delta.shape != original.shape for delta in deltas):
+            self.skipped.append(type(layer).__name__)
+            return
+        out = self._fused_out(weight)
         fused = original
-        for adapter in adapters:
-            delta = layer.get_delta_weight(adapter)
-            if delta.shape != original.shape:
-                self.skipped.append(type(layer).__name__)
-                return
-            # PEFT's merge is `weight += delta`: add in the promoted dtype, round once. Same here,
-            # so fused weights equal `merge_and_unload()`'s bit for bit.
-            fused = (fused + delta).to(original.dtype)
+        for delta in deltas:
+            # PEFT's merge is `weight += delta`: add in the promoted dtype, round once into the
+            # weight's dtype. Same here, so fused weights equal `merge_and_unload()`'s bit for bit.
+            fused = (fused + delta).to(original.dtype) if out is None else torch.add(fused, delta, out=out)
         weight.data = fused
         self.fused.append(_Fused(layer, weight, original, merged_adapters=list(layer.merged_adapters)))
         layer.merged_adapters = list(adapters)  # PEFT's forward now skips the adapter branch
@@ -110,7 +134,8 @@ class LoraFusion:
         original = weight.data
         # DeepSpeed-Chat's own formula: W + scaling * left^T @ right^T  (= W + scaling * B @ A).
         delta = layer.lora_scaling * torch.matmul(layer.lora_left_weight.t(), layer.lora_right_weight.t())
-        weight.data = (original + delta).to(original.dtype)
+        out = self._fused_out(weight)
+        weight.data = (original + delta).to(original.dtype) if out is None else torch.add(original, delta, out=out)
         self.fused.append(_Fused(layer, weight, original, fuse_flag=getattr(layer, "fuse_lora", False)))
         layer.fuse_lora = True
 

@@ -175,7 +175,7 @@ class TensorParallelGather:
         return self
 
     def _materialize(self) -> None:
-        self._hooks = DetachedZeroHooks(self.module, self.engine)
+        self._hooks = DetachedZeroHooks(list(self.module.modules()), self.engine)
         resident = missing_params(self.resident, self.engine)
         self.gathered_bytes = sum(p.ds_numel * p.element_size() for p in resident)
         self._resident = GatheredParameters(resident)

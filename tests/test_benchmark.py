@@ -50,6 +50,8 @@ def test_generation_benchmark_tiny(tmp_path):
         assert len(row["peak_memory_bytes_per_rank"]) == 2
     for n in (3, 4, 5, 7, 8, 9):  # rows with a mode switch
         assert rows[n]["switch_s"] is not None and rows[n]["switch_s"] >= 0
+    for n in (4, 5, 7, 8):  # the context's own rows: the switch split into its parts
+        assert set(rows[n]["switch_parts_s"]) == {"gather_s", "fuse_s", "release_s"}
     assert rows[1]["ratio_to_row1"] == 1.0
     assert report["all_gather_s"] > 0
     assert report["config"]["processes"] == 2
@@ -67,3 +69,17 @@ def test_generation_benchmark_tiny(tmp_path):
     for n in range(1, 10):
         assert any(line.startswith(f"| {n} | ") for line in table), f"row {n} missing from the table"
     assert any(line.startswith("| 6 | ") and "n/a" in line for line in table)
+    assert any(line.startswith("row 8 switch (s): gather ") for line in output.splitlines())
+
+
+def test_switch_breakdown_tiny():
+    script = ROOT / "benchmarks" / "switch_breakdown.py"
+    cmd = [sys.executable, str(script), "--model", "tiny", "--processes", "2", "--batch", "2", "--prompt-len", "8"]
+    cmd += ["--new-tokens", "2", "--contexts", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    for part in ("enter: all-gather", "enter: fuse LoRA", "exit: restore ZeRO-3 hooks", "**enter total**"):
+        assert f"| {part} |" in output, part
+    assert "greedy tokens equal in every context: yes" in output

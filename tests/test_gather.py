@@ -7,10 +7,11 @@ import torch
 from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from helpers import RolloutModule, add_peft_lora, ds_config, fit, prompts, tiny_llama
-from test_generation import hook_state, snapshot, unsharded_reference
+from test_generation import hook_state, sharding_state, snapshot, unsharded_reference
 
 from lightning_hybrid import HybridEngineStrategy
 from lightning_hybrid.gather import decoder_layers
+from lightning_hybrid.lora import lora_modules
 
 
 @pytest.mark.parametrize("partition", [1, 2])
@@ -75,7 +76,10 @@ def test_cached_frozen_weights_parity_and_only_trainable_bytes_move():
     assert stats[0].gathered_bytes == lora_bytes + frozen_bytes
     # Later contexts move at most the LoRA bytes (less where ZeRO-3's own prefetch already holds some).
     assert all(s.gathered_bytes <= lora_bytes < frozen_bytes for s in stats[1:])
-    assert all(s.frozen_cache_bytes == frozen_bytes for s in stats)
+    # The copies, plus one scratch tensor per LoRA-targeted weight that the fused value is written into.
+    targeted = [m.get_base_layer().weight for m in lora_modules(module.actor)]
+    scratch_bytes = sum(w.ds_numel * w.element_size() for w in targeted)
+    assert all(s.frozen_cache_bytes == frozen_bytes + scratch_bytes for s in stats)
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -106,3 +110,96 @@ def test_cached_mode_sees_a_changed_frozen_weight_and_loses_nothing(cached):
     after = snapshot(module)
     assert any(not torch.equal(seen["changed"][k], seen["before"][k]) for k in after)  # the change was real
     assert all(torch.equal(after[k], seen["changed"][k]) for k in after)  # and nothing else moved
+
+
+def test_cached_weights_are_used_as_is_and_partitioned_again_after(monkeypatch):
+    """A cached weight is never gathered again inside the context, and leaves it partitioned.
+
+    Inside ``training_step`` ZeRO-3's parameter getter all-gathers any weight it sees as
+    partitioned: a cached copy swapped in while the weight still looked partitioned was
+    re-gathered, one collective per weight, on first use, and stayed gathered after the context.
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    ids, mask = prompts()
+    gathers_in_generate = []
+    real_all_gather = Init._all_gather
+
+    def counting_all_gather(self, param_list, *args, **kwargs):
+        counter[0] += len(param_list)
+        return real_all_gather(self, param_list, *args, **kwargs)
+
+    counter = [0]
+    monkeypatch.setattr(Init, "_all_gather", counting_all_gather)
+
+    def on_step(module, batch):
+        # What ZeRO-3 had partitioned before (its own prefetches in flight stay its own to release).
+        partitioned = {n for n, status, _ in sharding_state(module.actor) if status == ZeroParamStatus.NOT_AVAILABLE}
+        with module.trainer.strategy.generation() as actor:
+            counter[0] = 0
+            actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            gathers_in_generate.append(counter[0])
+        after = {n: (status, numel) for n, status, numel in sharding_state(module.actor)}
+        left = [n for n in partitioned if after[n] != (ZeroParamStatus.NOT_AVAILABLE, 0)]
+        assert not left, f"left gathered at step {module.global_step}: {left}"
+
+    module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05)
+    # No prefetch: ZeRO-3 would otherwise fetch the whole tiny model at the step's start, and no copy be used.
+    config = ds_config(3, stage3_prefetch_bucket_size=0)
+    fit(module, HybridEngineStrategy(config=config, cache_frozen_weights=True), steps=3)
+    assert gathers_in_generate == [0, 0, 0]
+
+
+def test_hooks_of_others_keep_their_order_and_changes_made_inside_the_context():
+    """ZeRO-3's hooks go back where they were; a hook removed inside stays removed, one added inside comes last."""
+    ids, mask = prompts()
+    seen = {}
+
+    def on_step(module, batch):
+        layer = decoder_layers(module.actor)[0]
+        before = layer.register_forward_pre_hook(lambda *_: None)
+        removed_inside = layer.register_forward_pre_hook(lambda *_: None)
+        order = list(layer._forward_pre_hooks)
+        with module.trainer.strategy.generation() as actor:
+            assert list(layer._forward_pre_hooks) == [before.id, removed_inside.id]  # ZeRO-3's are off
+            removed_inside.remove()
+            added_inside = layer.register_forward_pre_hook(lambda *_: None)
+            actor.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        seen["after"] = list(layer._forward_pre_hooks)
+        seen["want"] = [key for key in order if key != removed_inside.id] + [added_inside.id]
+        for handle in (before, added_inside):
+            handle.remove()
+
+    fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=1)
+    assert seen["after"] == seen["want"] and len(seen["want"]) > 2
+
+
+def test_a_failure_while_gathering_undoes_the_swaps_and_the_detached_hooks(monkeypatch):
+    from lightning_hybrid import gather
+
+    ids, mask = prompts()
+    seen = {}
+
+    def failing_enter(self):
+        raise RuntimeError("injected gather failure")
+
+    def on_step(module, batch):
+        if module.global_step != 1:  # the cache is full by now: this entry swaps cached copies in first
+            with module.trainer.strategy.generation() as actor:
+                actor.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+            return
+        before = (snapshot(module), sharding_state(module.actor), hook_state(module))
+        with monkeypatch.context() as patch:
+            patch.setattr(gather.CoalescedGather, "__enter__", failing_enter)
+            with pytest.raises(RuntimeError, match="injected gather failure"):
+                with module.trainer.strategy.generation():
+                    pass
+        after = (snapshot(module), sharding_state(module.actor), hook_state(module))
+        assert after[1:] == before[1:]
+        assert all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+        seen["ok"] = True
+
+    config = ds_config(3, stage3_prefetch_bucket_size=0)
+    module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.0)
+    fit(module, HybridEngineStrategy(config=config, cache_frozen_weights=True), steps=3)
+    assert seen["ok"]

@@ -94,3 +94,36 @@ def test_disabled_adapters_and_dora_are_left_unfused():
         fusion = LoraFusion()
         fusion.fuse(lora_modules(actor))
         assert fusion.fused == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("convention", ["peft", "dschat"])
+def test_scratch_buffers_fuse_exactly_and_see_every_change(dtype, convention):
+    """Fusing into kept scratch tensors: the same values as fresh tensors, cycle after cycle, originals intact."""
+    model = tiny_llama().to(dtype)
+    actor = (add_peft_lora(model) if convention == "peft" else add_dschat_lora(model)).to(dtype)
+    buffers: dict[int, torch.Tensor] = {}
+
+    def fused_weights(**kwargs):
+        fusion = LoraFusion(**kwargs)
+        fusion.fuse(lora_modules(actor))
+        values = {id(item.weight): (item.weight.data, item.weight.detach().clone()) for item in fusion.fused}
+        fusion.unfuse()
+        return values
+
+    for cycle in range(4):
+        before = weights(actor)
+        expected = fused_weights()  # fresh tensors, as without a cache
+        got = fused_weights(buffers=buffers)
+        assert got.keys() == expected.keys() and len(buffers) == len(got)
+        for key, (tensor, value) in got.items():
+            assert tensor.data_ptr() == buffers[key].data_ptr()  # written into the scratch, not a new tensor
+            assert torch.equal(value, expected[key][1])
+        for name, value in weights(actor).items():
+            assert torch.equal(value, before[name]), f"cycle {cycle}: {name} not restored"
+        with torch.no_grad():  # between cycles: the adapter trains, and a base weight changes
+            lora = [p for n, p in actor.named_parameters() if "lora_B" in n or "lora_left" in n]
+            lora[cycle % len(lora)].add_(0.5)
+            targeted = lora_modules(actor)[cycle % 2]
+            base = targeted.get_base_layer() if convention == "peft" else targeted
+            base.weight.mul_(-1.0)
