@@ -41,7 +41,7 @@ from .lora import LoraFusion, is_dschat_lora, is_peft_lora, lora_modules
 # Architectures whose tensor-parallel generation equals the unsharded model's, token for
 # token, in tests/test_tensor_parallel.py (AutoTP finds the layer plan; the attention
 # infers its head count from the sliced projections).
-VERIFIED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt_neox")
+VERIFIED_MODEL_TYPES = ("llama", "qwen2", "gpt_neox")
 
 _MODULE_HOOKS = (
     "_forward_pre_hooks",
@@ -66,7 +66,13 @@ def check_tp_support(module: nn.Module, tp_size: int) -> None:
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     # AutoTP splits attention by whole key/value heads (unevenly if it must): each rank needs one.
-    if heads is None or kv_heads < tp_size:
+    if heads is None or heads % kv_heads:
+        raise ValueError(
+            f"inference_tp_size={tp_size} splits attention by key/value head groups, and"
+            f" {type(base_model(module)).__name__} has {heads} attention heads for {kv_heads} key/value heads."
+            " Use inference_tp_size=1 for it."
+        )
+    if kv_heads < tp_size:
         raise ValueError(
             f"inference_tp_size={tp_size} is more than the {kv_heads} key/value heads of"
             f" {type(base_model(module)).__name__}: each rank needs at least one. Use inference_tp_size <= {kv_heads}."
@@ -244,7 +250,13 @@ class TensorParallelGather:
             self._unwrap_forward()
             while self._swapped:
                 parent, name, original = self._swapped.pop()
+                sliced = getattr(parent, name)
                 setattr(parent, name, original)
+                # Free the slices now: DeepSpeed's TP layers and their weights reference each other
+                # (``weight.gather_params`` is a bound method), so they would wait for the cyclic GC
+                # and a few contexts' slices would pile up. The skeleton's tensors are its own.
+                for param in sliced.parameters():
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             self._resident_fusion.unfuse()
             if self._resident is not None:
                 self._resident.__exit__(None, None, None)

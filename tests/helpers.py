@@ -114,10 +114,10 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)).eval()
 
 
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **overrides
     )
     return Qwen2ForCausalLM(config).eval()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import add_dschat_lora, add_peft_lora, ds_config, tiny_llama, tiny_neox
+from helpers import add_dschat_lora, add_peft_lora, ds_config, tiny_llama, tiny_neox, tiny_qwen2
 from lightning.pytorch import Trainer
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -26,6 +26,8 @@ def test_an_architecture_not_verified_is_refused_with_the_list():
 def test_each_rank_needs_a_key_value_head():
     with pytest.raises(ValueError, match=r"inference_tp_size=4 is more than the 2 key/value heads .* <= 2"):
         check_tp_support(tiny_llama(), 4)
+    with pytest.raises(ValueError, match=r"4 attention heads for 32 key/value heads"):
+        check_tp_support(tiny_qwen2(), 2)  # Qwen2Config's default 32 key/value heads
     check_tp_support(add_peft_lora(tiny_llama()), 2)  # through PEFT wrapping
     check_tp_support(tiny_neox(), 2)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from helpers import (  # noqa: E402
     prompts,
     tiny_llama,
     tiny_neox,
+    tiny_qwen2,
 )
 
 from lightning_hybrid import HybridEngineStrategy  # noqa: E402
@@ -151,9 +153,12 @@ def tp_fit(build, tp: int) -> list[float]:
                 held = sum(p.numel() for p in decoder_layers(actor)[0].parameters())
                 whole = sum(p.numel() for p in decoder_layers(reference)[0].parameters())
                 assert held < 0.8 * whole, f"a rank holds {held} of a layer's {whole} weights"
+                slices = [weakref.ref(p) for p in decoder_layers(actor)[0].parameters()]
             got = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
             logits = actor(input_ids=ids, attention_mask=mask).logits
             sampled = actor.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=True)
+        if tp > 1:  # freed on exit, not left to the cyclic GC
+            assert all(r() is None or r().numel() == 0 for r in slices), "tensor-parallel slices outlive the context"
         # Back to training: the real layers, whole ZeRO-3 parameters again.
         assert all(hasattr(p, "ds_id") for p in module.actor.parameters())
         assert torch.equal(got, want), f"tp={tp} rank {rank} step {step}: {got.tolist()} != {want.tolist()}"
@@ -182,6 +187,7 @@ def scenario_tp(args) -> None:
     whole = tp_fit(lora_llama, tp=1)
     assert sliced == whole, f"losses after tp=2 generation {sliced} != after tp=1 {whole}"
     tp_fit(tiny_neox, tp=2)
+    tp_fit(lambda: tiny_qwen2(num_key_value_heads=2, tie_word_embeddings=True), tp=2)  # biased q/k/v, tied head
     # Three key/value heads on two ranks (as SmolLM2's 9/3): AutoTP splits them 2 + 1.
     tp_fit(lambda: tiny_llama(hidden_size=96, num_attention_heads=6, num_key_value_heads=3), tp=2)
 
