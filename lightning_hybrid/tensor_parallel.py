@@ -79,13 +79,14 @@ def check_tp_support(module: nn.Module, tp_size: int) -> None:
         )
 
 
-_GROUPS: dict[tuple[int, int], Any] = {}
+_GROUPS: dict[tuple[int, int, int], Any] = {}
 
 
 def tp_group(tp_size: int):
-    """This rank's group of ``tp_size`` consecutive ranks (all groups are created on every rank, once)."""
+    """This rank's group of ``tp_size`` consecutive ranks (all groups are created on every rank, once
+    per default process group)."""
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
-    key = (world, tp_size)
+    key = (id(torch_dist.distributed_c10d._get_default_group()), world, tp_size)
     if key not in _GROUPS:
         mine = None
         for start in range(0, world, tp_size):
