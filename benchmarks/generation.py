@@ -748,6 +748,7 @@ def main(argv=None) -> int:
         return launch(args)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is this rank?
     Bench(args).run()
+    dist.destroy_process_group()  # leaving it alive can abort at interpreter exit (gloo threads)
     return 0
 
 

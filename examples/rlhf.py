@@ -525,6 +525,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*`torch.distributed.[a-z_]+` is deprecated.*")
     LightningCLI(GRPO, PromptData, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=42)
+    if torch.distributed.is_initialized():  # leaving it alive can abort at interpreter exit (gloo threads)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import json  # noqa: E402
 
+import torch  # noqa: E402
 from helpers import RolloutModule, prompt_loader, tiny_llama  # noqa: E402
 from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -45,3 +46,5 @@ class Prompts(LightningDataModule):
 
 if __name__ == "__main__":
     LightningCLI(TinyActor, Prompts, save_config_callback=None)
+    if torch.distributed.is_initialized():  # leaving it alive can abort at interpreter exit
+        torch.distributed.destroy_process_group()

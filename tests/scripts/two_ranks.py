@@ -203,3 +203,5 @@ if __name__ == "__main__":
     globals()[f"scenario_{arguments.scenario}"](arguments)
     if torch_dist.get_rank() == 0:
         print(f"{arguments.scenario.upper()} OK", flush=True)
+    # Leaving with the process group alive can abort at interpreter exit (gloo worker threads).
+    torch_dist.destroy_process_group()
