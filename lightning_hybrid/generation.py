@@ -38,6 +38,20 @@ def _setting(module: nn.Module, kwargs: dict[str, Any], name: str, default: Any 
     return getattr(_generation_config(module, kwargs), name, default)
 
 
+def _eos_ids(module: nn.Module, kwargs: dict[str, Any]) -> list[int]:
+    eos = _setting(module, kwargs, "eos_token_id")
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _pad_id(module: nn.Module, kwargs: dict[str, Any]) -> int:
+    """The token transformers pads finished rows with: pad_token_id, else the (first) EOS, else 0."""
+    pad = _setting(module, kwargs, "pad_token_id")
+    if pad is not None:
+        return int(pad)
+    eos = _eos_ids(module, kwargs)
+    return eos[0] if eos else 0
+
+
 def _prompt(args: tuple, kwargs: dict[str, Any]) -> Any:
     """The (batch, length) prompt of a ``generate`` call: ids, or embeddings seen through their first channel."""
     prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
@@ -233,10 +247,7 @@ class GenerationContext:
                 raise RuntimeError(
                     "Out of memory with return_dict_in_generate=True: split outputs cannot be merged. Lower the batch."
                 ) from error
-            pad = _setting(self.module, kwargs, "pad_token_id")
-            pad = _setting(self.module, kwargs, "eos_token_id") if pad is None else pad
-            pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-            pad = 0 if pad is None else int(pad)
+            pad = _pad_id(self.module, kwargs)
             width = max(h.shape[1] for h in halves)
             return torch.cat([torch.nn.functional.pad(h, (0, width - h.shape[1]), value=pad) for h in halves])
 
@@ -246,10 +257,7 @@ class GenerationContext:
             raise ValueError("With inference_tp_size > 1, pass generate() the prompt, then keywords only.")
         if args:
             kwargs = {**kwargs, "input_ids": args[0]}
-        pad = _setting(self.module, kwargs, "pad_token_id")
-        eos = _setting(self.module, kwargs, "eos_token_id")
-        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        pad = eos_ids[0] if pad is None and eos_ids else (0 if pad is None else int(pad))
+        pad, eos_ids = _pad_id(self.module, kwargs), _eos_ids(self.module, kwargs)
 
         def generate(**pooled: Any) -> torch.Tensor:
             self._attach_workspace(pooled["input_ids"], pooled)
