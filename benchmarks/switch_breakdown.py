@@ -46,6 +46,8 @@ PARTS = [
     ("lightning_hybrid.gather", "PinnedGather.__exit__", "materializer (rest)"),
     ("lightning_hybrid.gather", "DetachedZeroHooks.__init__", "detach ZeRO-3 hooks"),
     ("lightning_hybrid.gather", "DetachedZeroHooks.restore", "restore ZeRO-3 hooks"),
+    ("lightning_hybrid.gather", "PlainParameterDicts.__init__", "plain parameter dicts"),
+    ("lightning_hybrid.gather", "PlainParameterDicts.restore", "restore parameter dicts"),
     ("lightning_hybrid.gather", "missing_params", "missing_params"),
     ("lightning_hybrid.gather", "lora_modules", "find LoRA modules"),
     ("lightning_hybrid.gather", "FrozenWeightCache.lookup", "cache lookup"),

@@ -494,7 +494,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "class_path": "lightning_hybrid.HybridEngineStrategy",
         "init_args": {
             "generation_module": "actor",  # the module also holds the reference, which can generate too
-            "max_out_tokens": 96,  # prompt + max_new_tokens per sequence: the KV workspace
+            "max_out_tokens": 96,  # prompt + max_new_tokens per sequence: longer requests are refused
             "config": {  # a DeepSpeed config (with one, Lightning's own ZeRO arguments are ignored)
                 "zero_optimization": {
                     "stage": 3,

@@ -13,6 +13,8 @@ from deepspeed.runtime.config import HybridEngineConfig
 
 InferenceBackend = Literal["auto", "deepspeed", "torch"]
 INFERENCE_BACKENDS = ("auto", "deepspeed", "torch")
+KVCache = Literal["dynamic", "static"]
+KV_CACHES = ("dynamic", "static")
 
 # Every key DeepSpeed's HybridEngineConfig accepts (it forbids unknown ones).
 KNOWN_KEYS = tuple(HybridEngineConfig.model_fields)

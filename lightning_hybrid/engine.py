@@ -6,8 +6,8 @@ policy for. This subclass keeps everything else of it (rank-synced RNG, ``Z3_ena
 ``gather_all_layers``, ``eval()``/``train()``) and decides the inference path itself:
 
 * ``"torch"``: the portable path. The generation module runs as the Hugging Face model it
-  is, with weights materialized by ``gather.py``, LoRA fused by ``lora.py`` and a KV cache
-  from ``workspace.py``. Works on any device and any causal LM.
+  is, with weights materialized by ``gather.py``, LoRA fused by ``lora.py`` and its KV cache
+  chosen by ``workspace.py``. Works on any device and any causal LM.
 * ``"deepspeed"``: DeepSpeed's kernel containers for the generation module's decoder layers
   (CUDA only), under a parity guard against the portable path (see ``kernels.py``).
 """
@@ -43,6 +43,7 @@ class EngineOptions:
     oom_split_min_batch: int = 1  # out of memory: halve the batch down to this many rows
     requested_backend: str = "auto"  # what the user asked for: decides fallback ("auto") or raise
     kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
+    kv_cache: str = "dynamic"  # the portable path's KV cache: "dynamic" (transformers' default) or "static"
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
@@ -100,7 +101,9 @@ class HybridEngine(DeepSpeedHybridEngine):
             **{k: getattr(self._config.hybrid_engine, k) for k in HybridEngineSettings.__dataclass_fields__}
         )
         self.in_inference = False
-        self.kv_workspace = InferenceWorkspace(self.settings.max_out_tokens, self.settings.release_inference_cache)
+        self.kv_workspace = InferenceWorkspace(
+            self.settings.max_out_tokens, self.settings.release_inference_cache, static=options.kv_cache == "static"
+        )
         self.frozen_cache = FrozenWeightCache() if options.cache_frozen_weights else None
         self.generation_rng = self._seed_generation_rng()
 

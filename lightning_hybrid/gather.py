@@ -9,8 +9,9 @@ handles, so ZeRO-3's prefetch trace never notices.
 Three ways to materialize, all with the hooks detached:
 
 * ``PinnedGather`` (``pin_parameters=True``): the whole module gathered once (small params in
-  one coalesced collective), held for the whole context. Optionally keeps frozen weights
-  gathered between contexts (``FrozenWeightCache``), so only the trainable ones move each time.
+  one coalesced collective), held for the whole context, ZeRO-3's parameter getter set aside.
+  Optionally keeps frozen weights gathered between contexts (``FrozenWeightCache``), so only
+  the trainable ones move each time.
 * ``LayerwiseGather`` (``pin_parameters=False``): the non-layer weights stay gathered, the
   decoder layers are gathered ``tp_gather_partition_size`` at a time during each forward
   and released after, bounding memory at the cost of collectives on every forward.
@@ -23,10 +24,14 @@ right before it is released (see ``lora.py``).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from deepspeed.runtime.zero import GatheredParameters
+from deepspeed.runtime.zero.linear import zero3_linear_wrap
+from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
@@ -81,6 +86,27 @@ def zero3_offload(engine: nn.Module):
     return offload
 
 
+@contextmanager
+def native_linear():
+    """``torch.nn.functional.linear`` as torch ships it, for the block.
+
+    Every ZeRO-3 engine replaces it, process-wide and for good, with DeepSpeed's
+    ``zero3_linear_wrap`` (``zero.Init``'s ``memory_efficient_linear``): an autograd Function
+    that keeps the partitioned weight for backward instead of the gathered one. Generation
+    runs without gradients on gathered weights, where the wrapper only costs time (a Python
+    signature bind per call, and matmul + add instead of one fused kernel: 5-6% of a
+    SmolLM2 generation on CPU). Any other replacement (a user's, DeepSpeed's quantized one)
+    is left alone.
+    """
+    patched = F.linear
+    if patched is zero3_linear_wrap:
+        F.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        F.linear = patched
+
+
 class DetachedZeroHooks:
     """Takes ZeRO-3's hooks off ``modules`` (a model's ``modules()``); ``restore()`` puts them back in place."""
 
@@ -121,6 +147,38 @@ class DetachedZeroHooks:
                     hooks[key] = current.pop(key)
             hooks.update(current)
         self._detached.clear()
+
+
+class PlainParameterDicts:
+    """ZeRO-3's parameter dicts swapped for plain ones, for a block where every weight is gathered.
+
+    ZeRO-3 replaces each module's ``_parameters`` with a ``ZeROOrderedDict`` whose Python
+    ``__getitem__`` would gather a partitioned weight on access. Every ``self.weight`` in a
+    forward pays for it (1-2% of a SmolLM2 generation on CPU), for nothing once all is
+    gathered. ``restore()`` puts ZeRO-3's dicts back, carrying over any parameter set or
+    deleted meanwhile.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self._swapped: list[tuple[nn.Module, ZeROOrderedDict, dict]] = []
+        for m in modules:
+            zero = m.__dict__.get("_parameters")
+            if isinstance(zero, ZeROOrderedDict) and zero:  # the getter is only on items: skip empty dicts
+                plain = {key: dict.__getitem__(zero, key) for key in zero}  # no getter: nothing gathers
+                m._parameters = plain
+                self._swapped.append((m, zero, plain))
+
+    def restore(self) -> None:
+        for m, zero, plain in reversed(self._swapped):
+            if m.__dict__.get("_parameters") is not plain:
+                continue  # replaced meanwhile by someone else: theirs stands
+            if plain.keys() != zero.keys() or any(dict.__getitem__(zero, k) is not v for k, v in plain.items()):
+                for key in [k for k in zero if k not in plain]:
+                    del zero[key]
+                for key, value in plain.items():
+                    zero[key] = value
+            m._parameters = zero
+        self._swapped.clear()
 
 
 @dataclass
@@ -202,6 +260,7 @@ class PinnedGather:
         self.module, self.engine, self.cache, self.trainable = module, engine, cache, trainable
         self.fusion = LoraFusion(buffers=cache.fused_buffers if cache is not None else None)
         self._hooks: DetachedZeroHooks | None = None
+        self._plain_dicts: PlainParameterDicts | None = None
         self._gathered: list = []  # the gathers to undo, in order
         self._swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, placeholder, cached)
         self.gathered_bytes = 0
@@ -241,9 +300,13 @@ class PinnedGather:
                 if id(param) not in self.trainable:
                     self.cache.store(param)
         self.fuse_s = _timed(self.fusion.fuse, lora_modules(modules))
+        self._plain_dicts = PlainParameterDicts(modules)
 
     def __exit__(self, *exc) -> None:
         try:
+            if self._plain_dicts is not None:
+                self._plain_dicts.restore()
+                self._plain_dicts = None
             self.fusion.unfuse()
             for param, placeholder, full in self._swapped:
                 # Still the copy we put there (unfuse restored the very tensor): partitioned again, as

@@ -3,12 +3,13 @@
 On entry, in this order (each step registers its own undo, so an exception or an interrupt
 at any point unwinds exactly what was done, in reverse):
 
-1. train/eval flags and ``requires_grad`` recorded; the actor goes to eval, gradients off;
+1. train/eval flags and ``requires_grad`` recorded; the actor goes to eval, gradients off,
+   and ``F.linear`` is torch's own again (``gather.native_linear``);
 2. the training RNG stream is set aside and the generation stream swapped in;
 3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``);
 4. ``actor.generate`` is wrapped: requests are checked against ``max_out_tokens`` before any
    work, the call goes through DeepSpeed's kernels where they are on (``kernels.py``, under the
-   parity guard) or else gets the reusable KV cache, ranks are kept in step where the forward
+   parity guard) or else gets its KV cache (``workspace.py``), ranks are kept in step where the forward
    has collectives, out-of-memory batches are split, and time and tokens are counted.
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .engine import HybridEngine
+from .gather import native_linear
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
 from .workspace import CACHE_KWARGS, cache_kwarg
@@ -132,7 +134,8 @@ class GenerationContext:
             for p, flag in grads:
                 p.requires_grad_(flag)
             for m, flag in modes:
-                m.training = flag
+                if m.training != flag:  # nn.Module.__setattr__ is slow, and most modules never changed
+                    m.training = flag
             engine.in_inference = False
 
         self._stack.callback(restore)
@@ -141,6 +144,7 @@ class GenerationContext:
         for p, _ in grads:
             p.requires_grad_(False)
         self._stack.enter_context(torch.no_grad())
+        self._stack.enter_context(native_linear())
 
     def _swap_rng(self) -> None:
         engine = self.engine
@@ -282,6 +286,8 @@ class GenerationContext:
 
     def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
         workspace = self.engine.kv_workspace
+        if not workspace.static:
+            return  # transformers' dynamic cache
         if any(kwargs.get(k) is not None for k in (*CACHE_KWARGS, "cache_implementation")):
             return  # the caller manages its own cache
         if kwargs.get("assistant_model") is not None or not workspace.supports(self.module):

@@ -31,7 +31,15 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .config import INFERENCE_BACKENDS, HybridEngineSettings, InferenceBackend, merge_hybrid_block, zero_stage
+from .config import (
+    INFERENCE_BACKENDS,
+    KV_CACHES,
+    HybridEngineSettings,
+    InferenceBackend,
+    KVCache,
+    merge_hybrid_block,
+    zero_stage,
+)
 from .engine import EngineOptions, HybridEngine, resolve_generation_module
 from .export import write_hf_directory
 from .gather import missing_params
@@ -48,7 +56,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         stage: ZeRO stage (1, 2 or 3) when no ``config`` is given. Default 3.
         max_out_tokens: inference workspace size: prompt plus new tokens, per sequence.
         inference_tp_size: tensor-parallel degree while generating (1 = none).
-        release_inference_cache: free the KV cache after every generation.
+        release_inference_cache: free the KV cache after every generation (``kv_cache="static"``
+            and the kernels' workspace; the dynamic cache is never held between calls).
         pin_parameters: ZeRO-3: gather the whole actor once per generation context (fast);
             False gathers ``tp_gather_partition_size`` decoder layers at a time (bounded memory).
         tp_gather_partition_size: decoder layers gathered at once when ``pin_parameters=False``.
@@ -65,6 +74,12 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         cache_frozen_weights: ZeRO-3 with ``pin_parameters=True``: keep full copies of the
             actor's frozen weights between generation contexts, so each entry gathers only
             the trainable ones (LoRA). Costs the frozen weights' full size on every rank.
+        kv_cache: the portable path's KV cache. "dynamic" (transformers' default): grows with the
+            sequence, so each step attends over the tokens so far; nothing is held between calls.
+            "static": a ``StaticCache`` of ``max_out_tokens`` positions per sequence, allocated once
+            and reused across calls and contexts: fixed memory, no allocation per step, but every
+            step attends over all ``max_out_tokens`` positions, so short requests pay for the
+            full length (2-5% slower than "dynamic" at max_out_tokens = prompt + new on CPU).
         oom_split_min_batch: when a generation runs out of memory, it is retried in halves of
             the batch, down to this many rows; below that, a clear error.
         **kwargs: every other ``DeepSpeedStrategy`` argument (``config``, ``offload_*``, ...).
@@ -84,6 +99,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         generation_module: str | None = None,
         inference_backend: InferenceBackend = "auto",
         cache_frozen_weights: bool = False,
+        kv_cache: KVCache = "dynamic",
         oom_split_min_batch: int = 1,
         kernel_check_interval: int = 100,
         **kwargs: Any,
@@ -99,6 +115,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             raise ValueError(f"`inference_backend` must be one of {INFERENCE_BACKENDS}, got {inference_backend!r}.")
         if generation_module is not None and (not isinstance(generation_module, str) or not generation_module):
             raise TypeError(f"`generation_module` must be a dotted attribute path or None, got {generation_module!r}.")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"`kv_cache` must be one of {KV_CACHES}, got {kv_cache!r}.")
         if not isinstance(cache_frozen_weights, bool):
             raise TypeError(f"`cache_frozen_weights` must be a bool, got {cache_frozen_weights!r}.")
         if isinstance(oom_split_min_batch, bool) or not isinstance(oom_split_min_batch, int) or oom_split_min_batch < 1:
@@ -138,6 +156,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         self.generation_module_path = generation_module
         self.inference_backend = inference_backend
         self.cache_frozen_weights = cache_frozen_weights
+        self.kv_cache = kv_cache
         self.oom_split_min_batch = oom_split_min_batch
         self.kernel_check_interval = kernel_check_interval
         self.backend: str | None = None  # the one picked at setup
@@ -232,6 +251,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             self.oom_split_min_batch,
             requested_backend=self.inference_backend,
             kernel_check_interval=self.kernel_check_interval,
+            kv_cache=self.kv_cache,
         )
         return functools.partial(HybridEngine, options=options)
 

@@ -1,9 +1,12 @@
-"""The inference workspace: a KV cache sized by ``max_out_tokens``, allocated once and reused.
+"""The portable path's KV cache.
 
-It is transformers' own ``StaticCache`` (preallocated, greedy-identical to the default
-dynamic cache), kept between calls and reset rather than reallocated. It is rebuilt only
-when the batch shape, dtype or device changes, and dropped after every generation when
-``release_inference_cache=True``.
+By default (``kv_cache="dynamic"``) ``generate`` keeps transformers' own dynamic cache: it
+grows with the sequence, so every step attends over the tokens so far, and nothing is held
+between calls. With ``kv_cache="static"`` the workspace is transformers' ``StaticCache`` of
+``max_out_tokens`` positions per sequence (greedy-identical), kept between calls and reset
+rather than reallocated, rebuilt only when the batch shape, dtype or device changes, and
+dropped after every generation when ``release_inference_cache=True``: fixed memory, but
+each step attends over all ``max_out_tokens`` positions.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 
 
 class InferenceWorkspace:
-    def __init__(self, max_out_tokens: int, release_after_use: bool) -> None:
+    def __init__(self, max_out_tokens: int, release_after_use: bool, static: bool = False) -> None:
         self.max_out_tokens = max_out_tokens
         self.release_after_use = release_after_use
+        self.static = static  # False: generate keeps transformers' dynamic cache, and this holds nothing
         self.cache: StaticCache | None = None
         self.allocations = 0  # how many times a cache was built: the reuse a user can check
         self._key: tuple | None = None

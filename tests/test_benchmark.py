@@ -53,14 +53,16 @@ def test_generation_benchmark_tiny(tmp_path):
     for n in (4, 5, 7, 8):  # the context's own rows: the switch split into its parts
         assert set(rows[n]["switch_parts_s"]) == {"gather_s", "fuse_s", "release_s"}
     assert rows[1]["ratio_to_row1"] == 1.0
+    for n in (4, 5, 7, 8, 9):  # context rows: plain generate timed beside every repeat
+        assert len(rows[n]["plain_beside_s"]) == 1 and rows[n]["ratio_to_plain_beside"] > 0
     assert report["all_gather_s"] > 0
     assert report["config"]["processes"] == 2
     assert set(report["targets"]) == {
-        "row4_ge_0.95x_row1",
+        "row4_ge_0.95x_plain",
         "row4_ge_9x_row2",
         "row5_peak_below_row4",
         "row8_switch_le_10pct_row7",
-        "row8_ge_0.95x_row1",
+        "row8_ge_0.95x_plain",
         "row9_peak_below_row4",
     }
 

@@ -24,6 +24,7 @@ from lightning_hybrid import HybridEngineStrategy
         ({"pin_parameters": "yes"}, TypeError, "pin_parameters.*bool"),
         ({"release_inference_cache": 1}, TypeError, "release_inference_cache"),
         ({"inference_backend": "cuda"}, ValueError, "inference_backend"),
+        ({"kv_cache": "paged"}, ValueError, "kv_cache.*dynamic.*static"),
         ({"generation_module": 3}, TypeError, "generation_module"),
         ({"generation_module": ""}, TypeError, "generation_module"),
         ({"stage": 4}, ValueError, "stage"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from deepspeed.runtime.zero import GatheredParameters
@@ -10,7 +12,7 @@ from helpers import RolloutModule, add_peft_lora, ds_config, fit, prompts, tiny_
 from test_generation import hook_state, sharding_state, snapshot, unsharded_reference
 
 from lightning_hybrid import HybridEngineStrategy
-from lightning_hybrid.gather import decoder_layers
+from lightning_hybrid.gather import decoder_layers, native_linear
 from lightning_hybrid.lora import lora_modules
 
 
@@ -54,6 +56,60 @@ def test_zero3_hooks_are_detached_during_generation_and_restored():
 
     fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=2)
     assert seen["inside"] == 0 and seen["outside"] > 0
+
+
+def test_parameter_getter_set_aside_while_gathered_and_changes_carried_over():
+    """Pinned: plain parameter dicts inside (no ZeRO-3 getter per weight access); ZeRO-3's own dicts after,
+    holding what was registered inside the block."""
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+
+    ids, mask = prompts()
+    seen = {}
+
+    def on_step(module, batch):
+        norm = module.actor.model.norm
+        before = norm._parameters
+        with module.trainer.strategy.generation() as actor:
+            seen["inside"] = {type(m._parameters) for m in actor.modules() if m._parameters}
+            actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            norm.register_parameter("probe", torch.nn.Parameter(torch.ones(1)))
+        seen["after"] = (norm._parameters is before, isinstance(before, ZeROOrderedDict), "probe" in before)
+        del norm.probe
+
+    fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=1)
+    assert seen["inside"] == {dict} and seen["after"] == (True, True, True)
+
+
+@pytest.mark.parametrize("fault", [None, RuntimeError])
+def test_generation_uses_torch_linear_and_gives_deepspeeds_back(fault):
+    """ZeRO-3 replaces F.linear for good with DeepSpeed's autograd wrapper (slow, and pointless without
+    gradients); inside the context torch's own runs, and the wrapper is back after, even after a fault."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    ids, mask = prompts()
+    seen = []
+
+    def on_step(module, batch):
+        seen.append(torch.nn.functional.linear)
+        with pytest.raises(RuntimeError) if fault else contextlib.nullcontext():
+            with module.trainer.strategy.generation() as actor:
+                seen.append(torch.nn.functional.linear)
+                actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+                if fault:
+                    raise fault("inside")
+        seen.append(torch.nn.functional.linear)
+
+    fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=1)
+    assert seen == [zero3_linear_wrap, torch._C._nn.linear, zero3_linear_wrap]
+
+
+def test_native_linear_leaves_other_replacements_alone(monkeypatch):
+    def users_linear(*args):
+        return torch._C._nn.linear(*args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", users_linear)
+    with native_linear():
+        assert torch.nn.functional.linear is users_linear
 
 
 def test_cached_frozen_weights_parity_and_only_trainable_bytes_move():

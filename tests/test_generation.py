@@ -54,8 +54,10 @@ def snapshot(module):
 
 
 def hook_state(module):
+    """ZeRO-3's per-module machinery: its hooks, in order, and its parameter dicts (by identity)."""
     return [
         (name, list(m._forward_pre_hooks), list(m._forward_hooks), list(m._forward_hooks_with_kwargs))
+        + (id(m._parameters),)
         for name, m in module.named_modules()
     ]
 
@@ -79,18 +81,19 @@ GREEDY = dict(max_new_tokens=8, do_sample=False)
 
 
 @pytest.mark.parametrize(
-    "stage,pin,lora",
+    "stage,pin,lora,kv_cache",
     [
-        (3, True, "peft"),
-        (3, False, "peft"),
-        (3, True, "dschat"),
-        (3, False, "dschat"),
-        (2, True, "peft"),
-        (2, True, "dschat"),
-        (3, True, None),
+        (3, True, "peft", "dynamic"),
+        (3, True, "peft", "static"),
+        (3, False, "peft", "dynamic"),
+        (3, True, "dschat", "dynamic"),
+        (3, False, "dschat", "static"),
+        (2, True, "peft", "dynamic"),
+        (2, True, "dschat", "dynamic"),
+        (3, True, None, "dynamic"),
     ],
 )
-def test_parity_with_unsharded_merged_reference(stage, pin, lora):
+def test_parity_with_unsharded_merged_reference(stage, pin, lora, kv_cache):
     """Greedy tokens and log-probs inside the context equal the whole, merged policy's, before and after steps."""
     ids, mask = prompts()
     checked = []
@@ -109,7 +112,7 @@ def test_parity_with_unsharded_merged_reference(stage, pin, lora):
         checked.append(module.global_step)
 
     strategy = HybridEngineStrategy(
-        config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1, max_out_tokens=64
+        config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1, max_out_tokens=64, kv_cache=kv_cache
     )
     module = RolloutModule(make_actor(lora), on_step, lr=0.05)
     fit(module, strategy, steps=4)
@@ -212,7 +215,7 @@ def test_misuse_is_refused():
 
 
 @pytest.mark.parametrize("release", [False, True])
-def test_workspace_reused_or_released(release):
+def test_static_workspace_reused_or_released(release):
     ids, mask = prompts()
     seen = []
 
@@ -225,7 +228,9 @@ def test_workspace_reused_or_released(release):
                 seen.append((id(cache), cache.layers[0].keys.data_ptr() if cache is not None else None))
         assert workspace.max_out_tokens == 32
 
-    strategy = HybridEngineStrategy(config=ds_config(3), max_out_tokens=32, release_inference_cache=release)
+    strategy = HybridEngineStrategy(
+        config=ds_config(3), max_out_tokens=32, release_inference_cache=release, kv_cache="static"
+    )
     trainer = fit(RolloutModule(tiny_llama(), on_step), strategy, steps=2)
     workspace = trainer.strategy.hybrid_engine.kv_workspace
     if release:
@@ -233,6 +238,22 @@ def test_workspace_reused_or_released(release):
     else:
         assert len(set(seen)) == 1 and workspace.allocations == 1
         assert workspace.cache.layers[0].keys.shape[2] == 32  # sized by max_out_tokens
+
+
+def test_dynamic_cache_holds_nothing_between_calls():
+    """The default KV cache is transformers' own: no workspace is built, kept or reported."""
+    ids, mask = prompts()
+    held = []
+
+    def on_step(module, batch):
+        strategy = module.trainer.strategy
+        with strategy.generation() as actor:
+            actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            held.append(strategy.hybrid_engine.kv_workspace.cache)
+        held.append(strategy.generation_stats.workspace_bytes)
+
+    trainer = fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=1)
+    assert held == [None, 0] and trainer.strategy.hybrid_engine.kv_workspace.allocations == 0
 
 
 def test_metrics_reach_the_logger(tmp_path):
