@@ -54,7 +54,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
 
     Args:
         stage: ZeRO stage (1, 2 or 3) when no ``config`` is given. Default 3.
-        max_out_tokens: inference workspace size: prompt plus new tokens, per sequence.
+        max_out_tokens: the longest sequence (prompt plus new tokens) a generation may reach; sizes
+            the KV workspace with ``kv_cache="static"`` and DeepSpeed's kernels.
         inference_tp_size: tensor-parallel degree while generating (1 = none).
         release_inference_cache: free the KV cache after every generation (``kv_cache="static"``
             and the kernels' workspace; the dynamic cache is never held between calls).
