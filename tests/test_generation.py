@@ -56,8 +56,13 @@ def snapshot(module):
 def hook_state(module):
     """ZeRO-3's per-module machinery: its hooks, in order, and its parameter dicts (by identity)."""
     return [
-        (name, list(m._forward_pre_hooks), list(m._forward_hooks), list(m._forward_hooks_with_kwargs))
-        + (id(m._parameters),)
+        (
+            name,
+            list(m._forward_pre_hooks),
+            list(m._forward_hooks),
+            list(m._forward_hooks_with_kwargs),
+            id(m._parameters),
+        )
         for name, m in module.named_modules()
     ]
 
