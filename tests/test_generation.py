@@ -10,8 +10,8 @@ from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from helpers import (
     FRONT_ENDS,
-    Run,
     RolloutModule,
+    Run,
     add_dschat_lora,
     add_peft_lora,
     ds_config,

@@ -55,3 +55,11 @@ def test_tensor_parallel_generation_matches_the_unsharded_model():
     as after tp=1 generation."""
     result = run("tp", timeout=240)
     assert result.returncode == 0 and "TP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_both_front_ends_keep_parity_and_lose_nothing_on_two_ranks():
+    """The Trainer's and Fabric's strategy on 2 ranks, ZeRO-3 pinned, layer-wise and with the frozen-weight cache,
+    and ZeRO-2, PEFT LoRA: every rank's greedy tokens equal the merged reference's each step, the weights are bitwise
+    as before each context, and a fault inside one restores everything (``scenario_front_ends``)."""
+    result = run("front_ends", timeout=300)
+    assert result.returncode == 0 and "FRONT_ENDS OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
