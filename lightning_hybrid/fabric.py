@@ -82,6 +82,10 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         self._fabric = _calling_fabric(self)
         return super().setup_module_and_optimizers(module, optimizers, scheduler)
 
+    def setup_module(self, module: nn.Module):
+        self._fabric = _calling_fabric(self)
+        return super().setup_module(module)
+
     def _initialize_engine(self, model: nn.Module, optimizer=None, scheduler=None):
         self._prepare_generation(model)
         with self._building_hybrid_engine():
@@ -89,7 +93,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
 
     # -- generation: metrics per context, to the Fabric's loggers ----------------------------
     def _record_generation(self, stats: GenerationStats, seconds: float) -> None:
-        fabric = self._fabric() if getattr(self, "_fabric", None) is not None else None
+        fabric = self._fabric() if getattr(self, "_fabric", None) is not None else None  # a weak reference
         if fabric is not None and fabric.loggers:
             fabric.log_dict({f"hybrid_engine/{k}": float(v) for k, v in stats.as_dict().items()})
 

@@ -50,6 +50,13 @@ def test_same_arguments_defaults_and_validation_as_the_trainer_strategy():
             strategy_class(kv_cache="paged")
 
 
+def test_world_size_and_backend_checks_happen_at_fabric_construction():
+    with pytest.raises(ValueError, match="`inference_tp_size=2` must divide the world size 1"):
+        Fabric(accelerator="cpu", devices=1, strategy=HybridEngineStrategy(inference_tp_size=2))
+    with pytest.raises(ValueError, match="CUDA"):
+        Fabric(accelerator="cpu", devices=1, strategy=HybridEngineStrategy(inference_backend="deepspeed"))
+
+
 def fabric_with(strategy, **kwargs) -> Fabric:
     fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy, **kwargs)
     fabric.launch()
