@@ -1,4 +1,7 @@
-"""The generation context, in-process (1 rank): parity, nothing lost, errors, workspace, metrics."""
+"""The generation context, in-process (1 rank): parity, nothing lost, errors, workspace, metrics.
+
+Parity, nothing lost and faults run under both front-ends (the Trainer and Fabric, through `helpers.train`).
+"""
 
 from __future__ import annotations
 
