@@ -9,6 +9,7 @@ not a pytest test. Each rank asserts; rank 0 prints ``SCENARIO OK`` at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import weakref
@@ -192,9 +193,107 @@ def scenario_tp(args) -> None:
     tp_fit(lambda: tiny_llama(hidden_size=96, num_attention_heads=6, num_key_value_heads=3), tp=2)
 
 
+def rollout_loss(model, ids, mask) -> torch.Tensor:
+    """RolloutModule's training loss, for a reference trained by plain torch."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(flat, ids[:, 1:].reshape(-1))
+
+
+def stored_shape(p: torch.Tensor) -> tuple:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def tp_training_fit(module, strategy, build, tp: int, steps: int = 3, **trainer_kwargs):
+    """Trains ``module`` with a tensor-parallel actor beside an unsharded copy trained by plain torch.
+
+    At every step, on every rank: the ranks of the TP group got the same batch; greedy generation in the
+    context (two prompt lengths, left padding) equals the copy's, before and after optimizer steps; after
+    the fit, the step losses equal the copy's within fp32 tolerance.
+    """
+    reference = build()
+    reference.train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=module.lr)
+    reference_losses, checks = [], []
+    frozen = None if module.reference is None else copy.deepcopy(module.reference).eval()
+    group = module.tp_group
+
+    def on_step(module, batch):
+        ids, mask = batch
+        gathered = [torch.empty_like(ids) for _ in range(tp)]
+        torch_dist.all_gather(gathered, ids, group=group())
+        assert all(torch.equal(gathered[0], g) for g in gathered), "ranks of a tensor-parallel group got other batches"
+        reference.eval()
+        with torch.no_grad():
+            for length, seed in ((5, module.global_step), (9, 100 + module.global_step)):
+                prompt, prompt_mask = prompts(batch=3, length=length, seed=seed)
+                want = reference.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False)
+                want_logits = reference(input_ids=prompt, attention_mask=prompt_mask).logits
+                with module.trainer.strategy.generation() as actor:
+                    got = actor.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False)
+                    logits = actor(input_ids=prompt, attention_mask=prompt_mask).logits
+                assert torch.equal(got, want), f"step {module.global_step}: {got.tolist()} != {want.tolist()}"
+                gap = (logits - want_logits)[prompt_mask.bool()].abs().max().item()
+                assert gap < 1e-4, f"step {module.global_step}: logits differ by {gap}"
+            if frozen is not None:  # a frozen model beside the actor: sliced too, computes the same
+                theirs = module.reference(input_ids=ids, attention_mask=mask).logits
+                gap = (theirs - frozen(ids, attention_mask=mask).logits)[mask.bool()].abs().max().item()
+                assert gap < 1e-4, f"frozen reference differs by {gap}"
+        reference.train()
+        loss = rollout_loss(reference, ids, mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference_losses.append(loss.item())
+        checks.append(module.global_step)
+
+    module.on_step = on_step
+    trainer = fit(module, strategy, steps=steps, devices=2, **trainer_kwargs)
+    assert checks == list(range(steps)), checks
+    assert len(module.losses) == len(reference_losses) == steps
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(module.losses, reference_losses)), (
+        f"losses {module.losses} != unsharded {reference_losses}"
+    )
+    return trainer
+
+
+def assert_halved(actor, whole, tp: int) -> int:
+    """Every linear AutoTP sliced holds 1/tp of the unsharded one's weight, by shape. Returns how many."""
+    from deepspeed.module_inject.layers import TensorParallel_Layer
+
+    sliced = 0
+    wholes = dict(whole.named_modules())
+    for name, layer in actor.named_modules():
+        if isinstance(layer, TensorParallel_Layer) and layer.is_tp_parallel:
+            mine, full = stored_shape(layer.weight), tuple(wholes[name].weight.shape)
+            assert math.prod(mine) * tp == math.prod(full), f"{name}: {mine} is not 1/{tp} of {full}"
+            sliced += 1
+    layers = len(decoder_layers(whole))
+    assert sliced >= 7 * layers, f"only {sliced} linears sliced"  # q, k, v, o, gate, up, down per layer
+    return sliced
+
+
+def scenario_autotp(args) -> None:
+    """AutoTP training (training_tp_size=2) on 2 ranks: halves, loss parity, generation parity."""
+    from deepspeed.utils import groups
+
+    frozen = tiny_llama(seed=3).requires_grad_(False)  # e.g. the KL reference
+    module = RolloutModule(tiny_llama(), lr=0.05, extra=frozen)
+    module.tp_group = groups.get_tensor_model_parallel_group
+    strategy = HybridEngineStrategy(
+        config=ds_config(args.stage), training_tp_size=2, inference_tp_size=args.tp, generation_module="actor"
+    )
+    trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
+    sliced = assert_halved(module.actor, tiny_llama(), 2)
+    assert_halved(module.reference, tiny_llama(seed=3), 2)
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+    if torch_dist.get_rank() == 0:
+        print(f"stage {args.stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp"])
+    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp"])
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
