@@ -65,3 +65,11 @@ def test_autotp_training_matches_the_unsharded_model(stage, inference_tp):
     lengths, left padding) equals the copy's before and after optimizer steps."""
     result = run("autotp", "--stage", str(stage), "--tp", str(inference_tp), timeout=180)
     assert result.returncode == 0 and "AUTOTP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_a_users_mpu_trains_and_generates_like_the_unsharded_model():
+    """mpu= with the test's own torch groups and a model it sliced with DeepSpeed's AutoTP layers (ZeRO-3): the
+    engine holds that mpu, ZeRO works over its data-parallel group, and slices, losses and generation are checked
+    as for AutoTP."""
+    result = run("mpu", "--stage", "3", timeout=180)
+    assert result.returncode == 0 and "MPU OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

@@ -287,13 +287,103 @@ def scenario_autotp(args) -> None:
     sliced = assert_halved(module.actor, tiny_llama(), 2)
     assert_halved(module.reference, tiny_llama(seed=3), 2)
     assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+    assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the data-parallel group
     if torch_dist.get_rank() == 0:
         print(f"stage {args.stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
 
 
+class GroupsMpu:
+    """A Megatron-style mpu over the test's own torch process groups: TP groups of ``tp`` consecutive ranks.
+
+    Its groups are built in ``build()``, which every rank calls once the process group exists (in the
+    LightningModule's ``setup``), as Megatron's ``initialize_model_parallel`` is called after init.
+    """
+
+    def __init__(self, tp: int):
+        self.tp = tp
+        self.tp_group = self.dp_group = None
+
+    def build(self) -> None:
+        world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
+        for start in range(0, world, self.tp):  # every rank creates every group, in the same order
+            group = torch_dist.new_group(list(range(start, start + self.tp)))
+            if start <= rank < start + self.tp:
+                self.tp_group = group
+        for offset in range(self.tp):
+            group = torch_dist.new_group(list(range(offset, world, self.tp)))
+            if rank % self.tp == offset:
+                self.dp_group = group
+
+    def get_model_parallel_rank(self):
+        return torch_dist.get_rank(self.tp_group)
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_model_parallel_world_size(self):
+        return self.tp
+
+    def get_data_parallel_rank(self):
+        return torch_dist.get_rank(self.dp_group)
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_world_size(self):
+        return torch_dist.get_world_size(self.dp_group)
+
+
+def slice_with_autotp(model: torch.nn.Module, group, tp: int) -> None:
+    """Slices ``model``'s decoder layers in place with DeepSpeed's AutoTP training layers, over ``group``."""
+    from deepspeed.module_inject.auto_tp import AutoTP
+    from deepspeed.module_inject.layers import set_autotp_mode
+
+    set_autotp_mode(training=True)
+    for cls, all_reduce in AutoTP.tp_parser(model):
+        for layer in [m for m in model.modules() if isinstance(m, cls)]:
+            autotp = AutoTP(
+                layer,
+                set(all_reduce),
+                "",
+                None,
+                (torch.nn.Linear,),
+                None,
+                model_config=model.config,
+                training_mode=True,
+            )
+            # In training mode set_tensor_parallel_config() reads DeepSpeed's own groups: give it ours.
+            autotp.mp_size, autotp.mp_group = tp, group
+            autotp.update_linear_policies()
+            autotp._replace_module(layer)
+
+
+class SlicedRollout(RolloutModule):
+    """A RolloutModule whose actor it slices itself over its mpu's groups (Megatron-style user code)."""
+
+    def setup(self, stage: str) -> None:
+        self.mpu.build()
+        slice_with_autotp(self.actor, self.mpu.tp_group, self.mpu.tp)
+
+
+def scenario_mpu(args) -> None:
+    """A user's mpu (its own groups, its own slicing) passed as mpu=: halves, loss and generation parity."""
+    mpu = GroupsMpu(tp=2)
+    module = SlicedRollout(tiny_llama(), lr=0.05)
+    module.mpu = mpu
+    module.tp_group = lambda: mpu.tp_group
+    strategy = HybridEngineStrategy(config=ds_config(args.stage), mpu=mpu)
+    trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
+    sliced = assert_halved(module.actor, tiny_llama(), 2)
+    assert trainer.strategy.model.mpu is mpu
+    assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the mpu's data-parallel group
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+    if torch_dist.get_rank() == 0:
+        print(f"mpu, stage {args.stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp"])
+    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp", "mpu"])
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
