@@ -73,3 +73,10 @@ def test_a_users_mpu_trains_and_generates_like_the_unsharded_model():
     as for AutoTP."""
     result = run("mpu", "--stage", "3", timeout=180)
     assert result.returncode == 0 and "MPU OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_four_ranks_as_two_data_parallel_by_two_tensor_parallel():
+    """training_tp_size=2 on 4 ranks, ZeRO-3: the ranks of each TP group get the same batches and sample the same
+    tokens, the two data-parallel groups get different batches, and the replicas end with the same weights."""
+    result = run("dp_tp", "--stage", "3", timeout=180)
+    assert result.returncode == 0 and "DP_TP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

@@ -381,9 +381,47 @@ def scenario_mpu(args) -> None:
         print(f"mpu, stage {args.stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
 
 
+def scenario_dp_tp(args) -> None:
+    """4 ranks as 2 data-parallel x 2 tensor-parallel (AutoTP): which ranks see which batch."""
+    seen = []
+
+    def on_step(module, batch):
+        ids, _ = batch
+        everyone = [torch.empty_like(ids) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(everyone, ids)
+        seen.append(everyone)
+        prompt, mask = prompts(batch=2, length=4 + module.global_step, seed=module.global_step)
+        with module.trainer.strategy.generation() as actor:  # the group's ranks generate the same tokens
+            tokens = actor.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=True)
+        seen.append(tokens)
+
+    strategy = HybridEngineStrategy(config=ds_config(args.stage), training_tp_size=2)
+    module = RolloutModule(tiny_llama(), on_step, lr=0.05)
+    trainer = fit(module, strategy, steps=2, devices=4)
+    rank = torch_dist.get_rank()
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 2, "rank": rank // 2}
+    assert trainer.strategy.model.dp_world_size == 2
+    for everyone in seen[0::2]:
+        assert torch.equal(everyone[0], everyone[1]) and torch.equal(everyone[2], everyone[3]), "a TP group split"
+        assert not torch.equal(everyone[0], everyone[2]), "the two data-parallel groups got the same batch"
+    # Sampling: one stream per data-parallel replica, shared by the ranks of a TP group.
+    for tokens in seen[1::2]:
+        everyone = [torch.empty_like(tokens) for _ in range(4)]
+        torch_dist.all_gather(everyone, tokens)
+        assert torch.equal(everyone[0], everyone[1]) and torch.equal(everyone[2], everyone[3])
+    assert all(math.isfinite(loss) for loss in module.losses)
+    # The data-parallel replicas hold the same model after their reduced steps.
+    with GatheredParameters(missing_params(module.actor.parameters(), trainer.strategy.model)):
+        flat = torch.cat([p.detach().flatten().float() for p in module.actor.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(4)]
+    torch_dist.all_gather(everyone, flat)
+    assert torch.equal(everyone[0], everyone[2]) and torch.equal(everyone[1], everyone[3]), "replicas drifted"
+    assert not torch.equal(everyone[0], everyone[1])  # TP partners hold different slices
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp", "mpu"])
+    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp", "mpu", "dp_tp"])
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
