@@ -80,3 +80,12 @@ def test_four_ranks_as_two_data_parallel_by_two_tensor_parallel():
     tokens, the two data-parallel groups get different batches, and the replicas end with the same weights."""
     result = run("dp_tp", "--stage", "3", timeout=180)
     assert result.returncode == 0 and "DP_TP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_autotp_checkpoint_resume_and_export(tmp_path):
+    """training_tp_size=2, ZeRO-3: resuming from the step-2 checkpoint (one file per TP rank) gives the uninterrupted
+    run's losses and greedy and sampled generations at steps 2 and 3; export_actor writes one unsliced model
+    (same shapes as the unsharded one, one safetensors file) that plain transformers loads and that generates the
+    context's greedy tokens."""
+    result = run("tp_checkpoint", "--stage", "3", "--dir", str(tmp_path), timeout=180)
+    assert result.returncode == 0 and "TP_CHECKPOINT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

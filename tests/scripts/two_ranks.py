@@ -28,6 +28,7 @@ from helpers import (  # noqa: E402
     ds_config,
     fit,
     merged_reference,
+    prompt_loader,
     prompts,
     tiny_llama,
     tiny_neox,
@@ -419,12 +420,77 @@ def scenario_dp_tp(args) -> None:
     assert not torch.equal(everyone[0], everyone[1])  # TP partners hold different slices
 
 
+def scenario_tp_checkpoint(args) -> None:
+    """AutoTP training: resume from a checkpoint gives the uninterrupted run's losses and generations;
+    export_actor writes one unsliced model that plain transformers loads and that generates the same tokens."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(args.dir)
+    ids, mask = prompts(batch=3, length=6, seed=5)
+
+    class Exporting(RolloutModule):
+        def on_train_end(self):
+            if self.export:
+                strategy = self.trainer.strategy
+                self.final = strategy.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+                strategy.export_actor(directory / "export")
+
+    def run(ckpt_path=None, callbacks=(), export=False) -> Exporting:
+        samples = {}
+
+        def on_step(module, batch):
+            with module.trainer.strategy.generation() as actor:
+                greedy = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+                sampled = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True)
+            samples[module.global_step] = (greedy, sampled)
+
+        module = Exporting(tiny_llama(), on_step, lr=0.05)
+        module.samples, module.export = samples, export
+        strategy = HybridEngineStrategy(config=ds_config(args.stage), training_tp_size=2)
+        # 2 batches an epoch: the checkpoint after step 2 falls on an epoch boundary.
+        loader = prompt_loader(n=4)
+        fit(
+            module,
+            strategy,
+            steps=4,
+            devices=2,
+            loader=loader,
+            ckpt_path=ckpt_path,
+            callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+        )
+        return module
+
+    every_two = ModelCheckpoint(dirpath=directory, filename="step{step}", every_n_train_steps=2, save_top_k=-1)
+    straight = run(callbacks=[every_two], export=True)
+    resumed = run(ckpt_path=directory / "stepstep=2.ckpt")
+    assert len(straight.losses) == 4 and resumed.losses == straight.losses[2:], (straight.losses, resumed.losses)
+    assert sorted(resumed.samples) == [2, 3]
+    for step in (2, 3):
+        for got, want in zip(resumed.samples[step], straight.samples[step]):
+            assert torch.equal(got, want), f"step {step}: {got.tolist()} != {want.tolist()}"
+    torch_dist.barrier()
+    exported = AutoModelForCausalLM.from_pretrained(directory / "export").eval()
+    whole = tiny_llama()
+    shapes = {k: tuple(v.shape) for k, v in exported.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in whole.state_dict().items()}, "the export is not unsliced"
+    files = sorted(f.name for f in (directory / "export").iterdir())
+    assert files == ["config.json", "generation_config.json", "model.safetensors"], files
+    with torch.no_grad():
+        tokens = exported.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, straight.final), f"{tokens.tolist()} != {straight.final.tolist()}"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp", "mpu", "dp_tp"])
+    parser.add_argument(
+        "scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp", "mpu", "dp_tp", "tp_checkpoint"]
+    )
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--dir", default=None)
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     globals()[f"scenario_{arguments.scenario}"](arguments)
