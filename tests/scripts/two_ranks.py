@@ -225,6 +225,14 @@ def tp_training_fit(module, strategy, build, tp: int, steps: int = 3, **trainer_
         torch_dist.all_gather(gathered, ids, group=group())
         assert all(torch.equal(gathered[0], g) for g in gathered), "ranks of a tensor-parallel group got other batches"
         reference.eval()
+        if module.global_step == 0:  # prompts that differ within the TP group: refused on every rank, no hang
+            mine, mine_mask = prompts(batch=2, length=4, seed=torch_dist.get_rank())
+            with module.trainer.strategy.generation() as actor:
+                try:
+                    actor.generate(mine, attention_mask=mine_mask, max_new_tokens=2, do_sample=False)
+                    raise AssertionError("different prompts within a tensor-parallel group were not refused")
+                except ValueError as error:
+                    assert "ranks of a tensor-parallel group called generate() with different prompts" in str(error)
         with torch.no_grad():
             for length, seed in ((5, module.global_step), (9, 100 + module.global_step)):
                 prompt, prompt_mask = prompts(batch=3, length=length, seed=seed)
