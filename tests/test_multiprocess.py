@@ -86,6 +86,7 @@ def test_autotp_checkpoint_resume_and_export(tmp_path):
     """training_tp_size=2, ZeRO-3: resuming from the step-2 checkpoint (one file per TP rank) gives the uninterrupted
     run's losses and greedy and sampled generations at steps 2 and 3; export_actor writes one unsliced model
     (same shapes as the unsharded one, one safetensors file) that plain transformers loads and that generates the
-    context's greedy tokens."""
+    context's greedy tokens; a standalone validate() rebuilds the engine with the TP groups and generates them
+    too."""
     result = run("tp_checkpoint", "--stage", "3", "--dir", str(tmp_path), timeout=180)
     assert result.returncode == 0 and "TP_CHECKPOINT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

@@ -438,6 +438,10 @@ def scenario_tp_checkpoint(args) -> None:
     ids, mask = prompts(batch=3, length=6, seed=5)
 
     class Exporting(RolloutModule):
+        def validation_step(self, batch, batch_idx):  # standalone validate(): its own engine, same layout
+            with self.trainer.strategy.generation() as actor:
+                self.validated = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+
         def on_train_end(self):
             if self.export:
                 strategy = self.trainer.strategy
@@ -458,7 +462,7 @@ def scenario_tp_checkpoint(args) -> None:
         strategy = HybridEngineStrategy(config=ds_config(args.stage), training_tp_size=2)
         # 2 batches an epoch: the checkpoint after step 2 falls on an epoch boundary.
         loader = prompt_loader(n=4)
-        fit(
+        trainer = fit(
             module,
             strategy,
             steps=4,
@@ -468,6 +472,13 @@ def scenario_tp_checkpoint(args) -> None:
             callbacks=list(callbacks),
             enable_checkpointing=bool(callbacks),
         )
+        if export:
+            from lightning_hybrid.model_parallel import tensor_parallel_group
+
+            training_engine = trainer.strategy.model
+            trainer.validate(module, dataloaders=prompt_loader(n=4, batch=2), verbose=False)
+            assert trainer.strategy.model is not training_engine  # Lightning's inference engine, rebuilt
+            assert tensor_parallel_group(trainer.strategy.model) is not None, "validate() lost the TP groups"
         return module
 
     every_two = ModelCheckpoint(dirpath=directory, filename="step{step}", every_n_train_steps=2, save_top_k=-1)
@@ -488,6 +499,7 @@ def scenario_tp_checkpoint(args) -> None:
     with torch.no_grad():
         tokens = exported.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens, straight.final), f"{tokens.tolist()} != {straight.final.tolist()}"
+    assert torch.equal(straight.validated, straight.final), "standalone validate() generates otherwise"
 
 
 if __name__ == "__main__":
