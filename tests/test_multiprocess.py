@@ -55,3 +55,10 @@ def test_tensor_parallel_generation_matches_the_unsharded_model():
     as after tp=1 generation."""
     result = run("tp", timeout=240)
     assert result.returncode == 0 and "TP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_shared_prompt_scoring_under_zero_on_two_ranks():
+    """response_logprobs under ZeRO-3 (Qwen2, full) and ZeRO-2 (GPT-NeoX + LoRA), 2 ranks with their own batches:
+    log-probs within 1e-4 of the plain forward's and the step's update within 1e-4 relative."""
+    result = run("score", timeout=240)
+    assert result.returncode == 0 and "SCORE OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
