@@ -18,7 +18,7 @@ from helpers import (
     tiny_qwen2,
 )
 
-from lightning_hybrid import HybridEngineStrategy
+from lightning_hybrid import HybridEngineStrategy, scoring
 from lightning_hybrid.gather import missing_params
 from lightning_hybrid.scoring import response_logprobs
 
@@ -60,17 +60,37 @@ def relative_gap(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)).item() for k in a)
 
 
+@pytest.fixture(params=["packed", "cached"])
+def method(request, monkeypatch):
+    """The shared prompt packed with its responses (one forward), or through a KV cache (two)."""
+    if request.param == "cached":
+        monkeypatch.setattr(scoring, "PACKED_MAX_LENGTH", 0)
+    return request.param
+
+
+def forwards(model) -> list:
+    """A list that grows by one per forward of ``model``'s base transformer."""
+    calls = []
+    base = getattr(model, "get_base_model", lambda: model)()
+    base.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_shared_prompt_matches_the_plain_forward(arch, lora):
+def test_shared_prompt_matches_the_plain_forward(arch, lora, method):
     """Log-probs within 1e-4 of each row computed alone, gradients within 1e-4 (relative) of the plain forward's:
-    left-padded prompts of different lengths, masked response tails, temperature 0.7, train mode."""
+    left-padded prompts of different lengths, masked response tails, temperature 0.7, train mode. Packed, the
+    shared prompt costs one forward; cached, two."""
     model = build(arch, lora).train()
+    calls = forwards(model)
     ids, mask, responses, response_mask, advantages = group_batch()
     truth = per_row_truth(model, ids, mask, responses, 0.7).detach()
     results = {}
     for share in (True, False):
+        calls.clear()
         logp = response_logprobs(model, ids, mask, responses, response_mask, temperature=0.7, share_prompt=share)
+        assert len(calls) == (2 if share and method == "cached" else 1)
         loss = -(advantages[:, None] * logp * response_mask).sum()
         results[share] = (logp.detach(), grads_of(model, loss))
     for share, (logp, _) in results.items():
@@ -79,12 +99,13 @@ def test_shared_prompt_matches_the_plain_forward(arch, lora):
     assert relative_gap(results[True][1], results[False][1]) < 1e-4
 
 
-def test_prompt_rows_may_repeat_anywhere():
-    """One prompt row per response, repeats in any order: the same log-probs as distinct prompts with groups."""
+def test_prompt_rows_may_repeat_anywhere(method):
+    """One prompt row per response, repeats in any order and groups of different sizes: the same log-probs as
+    distinct prompts answered by groups."""
     model = tiny_llama()
     ids, mask, responses, response_mask, _ = group_batch()
     grouped = response_logprobs(model, ids, mask, responses, response_mask)
-    order = torch.randperm(responses.shape[0], generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(responses.shape[0], generator=torch.Generator().manual_seed(0))[:5]  # groups of 2 and 3
     row_ids, row_mask = ids.repeat_interleave(3, 0)[order], mask.repeat_interleave(3, 0)[order]
     per_row = response_logprobs(model, row_ids, row_mask, responses[order], response_mask[order])
     assert ((per_row - grouped[order]) * response_mask[order]).abs().max() < 1e-5
@@ -99,8 +120,18 @@ def test_bad_input_is_refused_before_any_forward():
         response_logprobs(model, ids, mask, responses, temperature=0.0)
     with pytest.raises(ValueError, match="response_mask"):
         response_logprobs(model, ids, mask, responses, response_mask[:, :2])
+
+
+def test_gradient_checkpointing(monkeypatch):
+    """Packed (no cache) it scores as without checkpointing; through a cache, which transformers turns off under
+    checkpointing in training, it refuses instead of scoring without the prompt."""
+    model = tiny_llama().train()
+    ids, mask, responses, response_mask, _ = group_batch()
+    want = response_logprobs(model, ids, mask, responses, response_mask, share_prompt=False)
     model.gradient_checkpointing_enable()
-    model.train()
+    got = response_logprobs(model, ids, mask, responses, response_mask)
+    assert ((got - want) * response_mask).abs().max() < 1e-5
+    monkeypatch.setattr(scoring, "PACKED_MAX_LENGTH", 0)
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         response_logprobs(model, ids, mask, responses)
 
@@ -110,10 +141,16 @@ def whole_weights(module):
         return {n: p.detach().clone() for n, p in module.actor.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("stage,arch,lora", [(3, "llama", True), (2, "gpt2", False)], ids=["zero3-lora", "zero2-full"])
-def test_one_step_under_zero_equals_the_plain_forward(stage, arch, lora):
+@pytest.mark.parametrize(
+    "stage,arch,lora,cached",
+    [(3, "llama", True, False), (3, "llama", True, True), (2, "gpt2", False, False)],
+    ids=["zero3-lora-packed", "zero3-lora-cached", "zero2-full-packed"],
+)
+def test_one_step_under_zero_equals_the_plain_forward(stage, arch, lora, cached, monkeypatch):
     """Under ZeRO (1 process), a step on shared-prompt log-probs moves the weights as the plain forward's step does:
     log-probs within 1e-4, the update (the gradient) within 1e-4 relative."""
+    if cached:
+        monkeypatch.setattr(scoring, "PACKED_MAX_LENGTH", 0)
     before = {n: p.detach().clone() for n, p in build(arch, lora).named_parameters()}
     updates, logprobs = {}, {}
     for share in (True, False):
