@@ -87,6 +87,12 @@ def log_probs(model, ids, mask):
 GREEDY = dict(max_new_tokens=8, do_sample=False)
 
 
+def grpo_prompts(distinct: int = 2, group: int = 3):
+    """GRPO's layout: each of a few left-padded prompts repeated for its group of rows."""
+    ids, mask = prompts(batch=distinct, length=7, seed=3)
+    return ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+
+
 @pytest.mark.parametrize(
     "stage,pin,lora,kv_cache",
     [
@@ -132,8 +138,9 @@ def test_parity_with_unsharded_merged_reference(stage, pin, lora, kv_cache):
 
 @pytest.mark.parametrize("stage,pin", [(3, True), (3, False), (2, True)])
 def test_nothing_lost_over_cycles(stage, pin):
-    """5 generate/train cycles with a zero learning rate leave every weight bitwise as it was."""
-    ids, mask = prompts()
+    """5 generate/train cycles with a zero learning rate leave every weight bitwise as it was (rows repeating
+    their prompts, so the shared prefill runs too)."""
+    ids, mask = grpo_prompts()
     seen = {}
 
     def on_step(module, batch):
@@ -143,6 +150,7 @@ def test_nothing_lost_over_cycles(stage, pin):
             seen["modes"] = mode_state(module)
         with module.trainer.strategy.generation() as actor:
             actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
+        assert module.trainer.strategy.generation_stats.prompt_tokens_reused > 0
         assert hook_state(module) == seen["hooks"]
         assert mode_state(module) == seen["modes"]
 
@@ -158,7 +166,7 @@ def test_nothing_lost_over_cycles(stage, pin):
 @pytest.mark.parametrize("fault", [ValueError, KeyboardInterrupt])
 def test_fault_inside_context_restores_everything(fault):
     """An exception or interrupt in the block: weights, sharding, hooks, modes, RNG as before; training goes on."""
-    ids, mask = prompts()
+    ids, mask = grpo_prompts()
     seen = {}
 
     def on_step(module, batch):
@@ -294,12 +302,6 @@ def test_metrics_reach_the_logger(tmp_path):
     assert float(logged[0]["hybrid_engine/gathered_bytes"]) > 0
     stats = strategy.generation_stats
     assert stats.calls == 1 and stats.prompt_tokens == ids.numel() and stats.new_tokens == 16
-
-
-def grpo_prompts(distinct: int = 2, group: int = 3):
-    """GRPO's layout: each of a few left-padded prompts repeated for its group of rows."""
-    ids, mask = prompts(batch=distinct, length=7, seed=3)
-    return ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
 
 
 def generate_with_sharing(strategy, share: bool, *args, **kwargs):
