@@ -45,6 +45,7 @@ class EngineOptions:
     requested_backend: str = "auto"  # what the user asked for: decides fallback ("auto") or raise
     kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
     kv_cache: str = "dynamic"  # the portable path's KV cache: "dynamic" (transformers' default) or "static"
+    share_prompt_prefill: bool = True  # rows repeating a prompt prefill it once and share its KV cache
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
@@ -108,6 +109,7 @@ class HybridEngine(DeepSpeedHybridEngine):
         )
         self.frozen_cache = FrozenWeightCache() if options.cache_frozen_weights else None
         self.generation_rng = self._seed_generation_rng()
+        self.said: set[str] = set()  # one-time notices already given (e.g. why prompts could not be shared)
 
     # -- construction ------------------------------------------------------------------
     def create_inference_module(self) -> None:

@@ -91,6 +91,9 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             and reused across calls and contexts: fixed memory, no allocation per step, but every
             step attends over all ``max_out_tokens`` positions, so short requests pay for the
             full length (2-5% slower than "dynamic" at max_out_tokens = prompt + new on CPU).
+        share_prompt_prefill: rows of a ``generate`` call that repeat a prompt (GRPO's groups,
+            ``num_return_sequences``) prefill it once and share its KV cache (the portable path with the
+            dynamic cache; other calls generate as they come, counted in ``prompt_sharing_skipped``).
         oom_split_min_batch: when a generation runs out of memory, it is retried in halves of
             the batch, down to this many rows; below that, a clear error.
         training_tp_size: tensor-parallel degree while *training* (DeepSpeed's AutoTP, the config's
@@ -117,6 +120,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         inference_backend: InferenceBackend = "auto",
         cache_frozen_weights: bool = False,
         kv_cache: KVCache = "dynamic",
+        share_prompt_prefill: bool = True,
         oom_split_min_batch: int = 1,
         kernel_check_interval: int = 100,
         training_tp_size: int | None = None,
@@ -136,8 +140,12 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             raise TypeError(f"`generation_module` must be a dotted attribute path or None, got {generation_module!r}.")
         if kv_cache not in KV_CACHES:
             raise ValueError(f"`kv_cache` must be one of {KV_CACHES}, got {kv_cache!r}.")
-        if not isinstance(cache_frozen_weights, bool):
-            raise TypeError(f"`cache_frozen_weights` must be a bool, got {cache_frozen_weights!r}.")
+        for name, flag in (
+            ("cache_frozen_weights", cache_frozen_weights),
+            ("share_prompt_prefill", share_prompt_prefill),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
         if isinstance(oom_split_min_batch, bool) or not isinstance(oom_split_min_batch, int) or oom_split_min_batch < 1:
             raise ValueError(f"`oom_split_min_batch` must be an int >= 1, got {oom_split_min_batch!r}.")
         if isinstance(kernel_check_interval, bool) or not isinstance(kernel_check_interval, int):
@@ -183,6 +191,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         self.inference_backend = inference_backend
         self.cache_frozen_weights = cache_frozen_weights
         self.kv_cache = kv_cache
+        self.share_prompt_prefill = share_prompt_prefill
         self.oom_split_min_batch = oom_split_min_batch
         self.kernel_check_interval = kernel_check_interval
         self.backend: str | None = None  # the one picked at setup
@@ -294,6 +303,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             requested_backend=self.inference_backend,
             kernel_check_interval=self.kernel_check_interval,
             kv_cache=self.kv_cache,
+            share_prompt_prefill=self.share_prompt_prefill,
         )
         return functools.partial(HybridEngine, options=options)
 

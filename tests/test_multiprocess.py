@@ -90,3 +90,10 @@ def test_autotp_checkpoint_resume_and_export(tmp_path):
     too."""
     result = run("tp_checkpoint", "--stage", "3", "--dir", str(tmp_path), timeout=180)
     assert result.returncode == 0 and "TP_CHECKPOINT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_shared_prompt_scoring_under_zero_on_two_ranks():
+    """response_logprobs under ZeRO-3 (Qwen2, full) and ZeRO-2 (GPT-NeoX + LoRA), 2 ranks with their own batches:
+    log-probs within 1e-4 of the plain forward's and the step's update within 1e-4 relative."""
+    result = run("score", timeout=240)
+    assert result.returncode == 0 and "SCORE OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import weakref
 from datetime import timedelta
@@ -24,9 +25,11 @@ import torch.distributed as torch_dist  # noqa: E402
 from deepspeed.runtime.zero import GatheredParameters  # noqa: E402
 from helpers import (  # noqa: E402
     RolloutModule,
+    ScoringModule,
     add_peft_lora,
     ds_config,
     fit,
+    group_batch,
     merged_reference,
     prompt_loader,
     prompts,
@@ -61,13 +64,17 @@ def scenario_fit(args) -> None:
         rank = module.global_rank
         if module.global_step == 0:
             assert all_equal_across_ranks(torch.get_rng_state()), "RNG differs across ranks after construction"
-        # Each rank its own prompts, of its own lengths: rank-dependent work inside the context.
+        # Each rank its own prompts, of its own lengths: rank-dependent work inside the context. Rank 1's rows
+        # repeat each prompt (shared prefill), rank 0's do not: with layer-wise gathering both must prefill.
         ids, mask = prompts(batch=2 + rank, length=5 + 2 * rank, seed=rank)
+        ids, mask = ids.repeat_interleave(1 + rank, 0), mask.repeat_interleave(1 + rank, 0)
         reference = whole_reference(module)
         want = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         with module.trainer.strategy.generation() as actor:
             got = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         assert torch.equal(got, want), f"rank {rank} step {module.global_step}: context != unsharded reference"
+        reused = module.trainer.strategy.generation_stats.prompt_tokens_reused
+        assert reused == rank * 3 * (ids.shape[1] - 1), f"rank {rank}: {reused} prompt positions reused"
         checks.append(module.global_step)
 
     strategy = HybridEngineStrategy(
@@ -144,8 +151,10 @@ def tp_fit(build, tp: int) -> list[float]:
 
     def on_step(module, batch):
         rank, step = module.global_rank, module.global_step
-        # Each rank its own prompts: other batch sizes, other lengths, left padding.
+        # Each rank its own prompts: other batch sizes, other lengths, left padding; rank 1's repeated (the pooled
+        # batch shares their prefill).
         ids, mask = prompts(batch=2 + rank, length=5 + 3 * rank, seed=10 * step + rank)
+        ids, mask = ids.repeat_interleave(1 + rank, 0), mask.repeat_interleave(1 + rank, 0)
         reference = module.reference_now
         want = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         want_logits = reference(input_ids=ids, attention_mask=mask).logits
@@ -170,6 +179,7 @@ def tp_fit(build, tp: int) -> list[float]:
         assert sampled.shape[0] == 1
         stats = module.trainer.strategy.generation_stats
         assert (stats.sliced_bytes > 0) == (tp > 1), stats
+        assert (stats.prompt_tokens_reused > 0) == (tp > 1 or rank == 1), stats  # tp > 1: the pooled batch repeats
         assert len(stats.peak_memory_bytes_per_rank) == 2 and min(stats.peak_memory_bytes_per_rank) > 0, stats
         module.peaks.append(stats.peak_memory_bytes)
 
@@ -502,10 +512,38 @@ def scenario_tp_checkpoint(args) -> None:
     assert torch.equal(straight.validated, straight.final), "standalone validate() generates otherwise"
 
 
+def scenario_score(args) -> None:
+    """response_logprobs under ZeRO-3 (Qwen2, full fine-tuning) and ZeRO-2 (GPT-NeoX + LoRA) on 2 ranks, each with
+    its own batch: shared-prompt log-probs within 1e-4 of the plain forward's, the step's update within 1e-4."""
+    cases = [
+        (3, lambda: tiny_qwen2(num_key_value_heads=2)),
+        (2, lambda: add_peft_lora(tiny_neox(), targets=("query_key_value", "dense_4h_to_h"))),
+    ]
+    for stage, build in cases:
+        before = {n: p.detach().clone() for n, p in build().named_parameters() if p.requires_grad}
+        updates, logprobs = {}, {}
+        for share in (True, False):
+            # Lightning's launcher re-runs this script per rank with LOCAL_RANK set; rank 0 is the first process.
+            module = ScoringModule(build(), share, group_batch(seed=int(os.environ.get("LOCAL_RANK", "0"))))
+            trainer = fit(module, HybridEngineStrategy(config=ds_config(stage)), steps=1, devices=2)
+            with GatheredParameters(missing_params(module.actor.parameters(), trainer.strategy.model)):
+                updates[share] = {
+                    n: p.detach() - before[n] for n, p in module.actor.named_parameters() if p.requires_grad
+                }
+            logprobs[share] = module.logprobs[0]
+        gap = (logprobs[True] - logprobs[False]).abs().max().item()
+        assert gap < 1e-4, f"ZeRO-{stage}: shared-prompt log-probs {gap} from the plain forward's"
+        for name, plain in updates[False].items():
+            assert plain.norm() > 0, name
+            relative = ((updates[True][name] - plain).norm() / plain.norm()).item()
+            assert relative < 1e-4, f"ZeRO-{stage} {name}: update {relative} (relative) from the plain forward's"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "scenario", choices=["fit", "eos", "rank_fault", "tp", "autotp", "mpu", "dp_tp", "tp_checkpoint"]
+        "scenario",
+        choices=["fit", "eos", "rank_fault", "tp", "score", "autotp", "mpu", "dp_tp", "tp_checkpoint"],
     )
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
