@@ -293,22 +293,27 @@ def assert_halved(actor, whole, tp: int) -> int:
 
 
 def scenario_autotp(args) -> None:
-    """AutoTP training (training_tp_size=2) on 2 ranks: halves, loss parity, generation parity."""
+    """AutoTP training (training_tp_size=2) on 2 ranks: halves, loss parity, generation parity.
+
+    ``--stage 0``: ZeRO-1, 2 and 3 one after the other in this one launch (with inference_tp_size 1, 2, 1).
+    """
     from deepspeed.utils import groups
 
-    frozen = tiny_llama(seed=3).requires_grad_(False)  # e.g. the KL reference
-    module = RolloutModule(tiny_llama(), lr=0.05, extra=frozen)
-    module.tp_group = groups.get_tensor_model_parallel_group
-    strategy = HybridEngineStrategy(
-        config=ds_config(args.stage), training_tp_size=2, inference_tp_size=args.tp, generation_module="actor"
-    )
-    trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
-    sliced = assert_halved(module.actor, tiny_llama(), 2)
-    assert_halved(module.reference, tiny_llama(seed=3), 2)
-    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
-    assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the data-parallel group
-    if torch_dist.get_rank() == 0:
-        print(f"stage {args.stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
+    runs = [(1, 1), (2, 2), (3, 1)] if args.stage == 0 else [(args.stage, args.tp)]
+    for stage, inference_tp in runs:
+        frozen = tiny_llama(seed=3).requires_grad_(False)  # e.g. the KL reference
+        module = RolloutModule(tiny_llama(), lr=0.05, extra=frozen)
+        module.tp_group = groups.get_tensor_model_parallel_group
+        strategy = HybridEngineStrategy(
+            config=ds_config(stage), training_tp_size=2, inference_tp_size=inference_tp, generation_module="actor"
+        )
+        trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
+        sliced = assert_halved(module.actor, tiny_llama(), 2)
+        assert_halved(module.reference, tiny_llama(seed=3), 2)
+        assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+        assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the data-parallel group
+        if torch_dist.get_rank() == 0:
+            print(f"stage {stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
 
 
 class GroupsMpu:
