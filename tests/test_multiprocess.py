@@ -70,11 +70,12 @@ def test_autotp_training_matches_the_unsharded_model():
 
 
 def test_a_users_mpu_trains_and_generates_like_the_unsharded_model():
-    """mpu= with the test's own torch groups and a model it sliced with DeepSpeed's AutoTP layers (ZeRO-3): the
-    engine holds that mpu, ZeRO works over its data-parallel group, and slices, losses and generation are checked
-    as for AutoTP."""
-    result = run("mpu", "--stage", "3", timeout=180)
+    """mpu= with the test's own torch groups and a model it sliced with DeepSpeed's AutoTP layers (ZeRO-1, then
+    ZeRO-3): the engine holds that mpu, ZeRO works over its data-parallel group, and slices, losses and generation
+    are checked as for AutoTP."""
+    result = run("mpu", "--stage", "0", timeout=240)
     assert result.returncode == 0 and "MPU OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "mpu, stage 1: 14 linears sliced" in result.stdout and "mpu, stage 3: 14 linears sliced" in result.stdout
 
 
 def test_four_ranks_as_two_data_parallel_by_two_tensor_parallel():

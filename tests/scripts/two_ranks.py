@@ -390,19 +390,23 @@ class SlicedRollout(RolloutModule):
 
 
 def scenario_mpu(args) -> None:
-    """A user's mpu (its own groups, its own slicing) passed as mpu=: halves, loss and generation parity."""
-    mpu = GroupsMpu(tp=2)
-    module = SlicedRollout(tiny_llama(), lr=0.05)
-    module.mpu = mpu
-    module.tp_group = lambda: mpu.tp_group
-    strategy = HybridEngineStrategy(config=ds_config(args.stage), mpu=mpu)
-    trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
-    sliced = assert_halved(module.actor, tiny_llama(), 2)
-    assert trainer.strategy.model.mpu is mpu
-    assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the mpu's data-parallel group
-    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
-    if torch_dist.get_rank() == 0:
-        print(f"mpu, stage {args.stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
+    """A user's mpu (its own groups, its own slicing) passed as mpu=: halves, loss and generation parity.
+
+    ``--stage 0``: ZeRO-1 then ZeRO-3 in this one launch.
+    """
+    for stage in [1, 3] if args.stage == 0 else [args.stage]:
+        mpu = GroupsMpu(tp=2)
+        module = SlicedRollout(tiny_llama(), lr=0.05)
+        module.mpu = mpu
+        module.tp_group = lambda mpu=mpu: mpu.tp_group
+        strategy = HybridEngineStrategy(config=ds_config(stage), mpu=mpu)
+        trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
+        sliced = assert_halved(module.actor, tiny_llama(), 2)
+        assert trainer.strategy.model.mpu is mpu
+        assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the mpu's data-parallel group
+        assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+        if torch_dist.get_rank() == 0:
+            print(f"mpu, stage {stage}: {sliced} linears sliced, losses {module.losses}", flush=True)
 
 
 def scenario_dp_tp(args) -> None:
