@@ -219,8 +219,21 @@ def check_same_request(group: Any, prompt: torch.Tensor, kwargs: dict[str, Any])
 
 
 def initialize_kwargs(mpu: Any | None) -> dict[str, Any]:
-    """Extra keyword arguments for ``deepspeed.initialize`` and ``deepspeed.zero.Init``."""
+    """Extra keyword arguments for ``deepspeed.initialize``."""
     return {} if mpu is None else {"mpu": mpu}
+
+
+def zero_init_kwargs(mpu: Any | None) -> dict[str, Any]:
+    """Extra keyword arguments for ``deepspeed.zero.Init``.
+
+    Its ``mpu`` only feeds the config's batch arithmetic; the group it partitions over is
+    ``data_parallel_group`` (the whole world when None), so both are given. Called when the
+    model is built sharded (``configure_model``), after the LightningModule's ``setup``: the
+    mpu's groups must exist by then.
+    """
+    if mpu is None:
+        return {}
+    return {"mpu": mpu, "data_parallel_group": mpu.get_data_parallel_group()}
 
 
 def gather_tensor_parallel_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -55,6 +55,7 @@ from .model_parallel import (
     gather_tensor_parallel_state,
     initialize_kwargs,
     resolve_training_tp,
+    zero_init_kwargs,
 )
 from .tensor_parallel import check_tp_support
 
@@ -328,7 +329,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             enabled=self.zero_stage_3,
             remote_device=self.remote_device,
             config_dict_or_path=self.config,
-            **initialize_kwargs(self.mpu),
+            **zero_init_kwargs(self.mpu),
         ):
             yield
 

@@ -388,6 +388,11 @@ class SlicedRollout(RolloutModule):
         self.mpu.build()
         slice_with_autotp(self.actor, self.mpu.tp_group, self.mpu.tp)
 
+    def configure_model(self) -> None:  # under the strategy's zero.Init (ZeRO-3): built sharded over the mpu's DP
+        if self.reference is None:
+            # No pad token: transformers zeroes its embedding row at init, which a partitioned weight lacks.
+            self.reference = tiny_llama(seed=3, pad_token_id=None).requires_grad_(False)
+
 
 def scenario_mpu(args) -> None:
     """A user's mpu (its own groups, its own slicing) passed as mpu=: halves, loss and generation parity.
@@ -399,9 +404,13 @@ def scenario_mpu(args) -> None:
         module = SlicedRollout(tiny_llama(), lr=0.05)
         module.mpu = mpu
         module.tp_group = lambda mpu=mpu: mpu.tp_group
-        strategy = HybridEngineStrategy(config=ds_config(stage), mpu=mpu)
+        strategy = HybridEngineStrategy(config=ds_config(stage), mpu=mpu, generation_module="actor")
         trainer = tp_training_fit(module, strategy, tiny_llama, tp=2)
         sliced = assert_halved(module.actor, tiny_llama(), 2)
+        if stage == 3:  # zero.Init partitioned the reference over the mpu's data-parallel group (1 rank): whole
+            weights = list(module.reference.parameters())
+            assert all(p.ds_process_group is mpu.dp_group for p in weights)
+            assert all(p.ds_tensor.numel() == p.ds_numel for p in weights), "partitioned over the world"
         assert trainer.strategy.model.mpu is mpu
         assert trainer.strategy.model.dp_world_size == 1  # ZeRO works over the mpu's data-parallel group
         assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
