@@ -29,6 +29,7 @@ from .engine import HybridEngine
 from .gather import native_linear
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
+from .model_parallel import check_same_request, tensor_parallel_group
 from .prefix_cache import PromptGroups, prefill, why_not_shareable
 from .workspace import CACHE_KWARGS, cache_kwarg
 
@@ -110,6 +111,7 @@ class GenerationContext:
         self.module = engine.generation_module
         self.world_size = world_size
         self.stats = GenerationStats(backend=engine.options.backend)
+        self.tp_group = tensor_parallel_group(engine)  # an actor trained tensor-parallel: its group
         self._stack = ExitStack()
 
     # -- entering ----------------------------------------------------------------------
@@ -198,6 +200,8 @@ class GenerationContext:
     def _generate(self, *args: Any, **kwargs: Any):
         engine = self.engine
         prompt, _ = check_generate_request(self.module, engine.settings.max_out_tokens, args, kwargs)
+        if self.tp_group is not None:
+            check_same_request(self.tp_group, prompt, kwargs)
         if self.materializer.collectives_per_forward and self.world_size > 1:
             if kwargs.get("synced_gpus") is False:
                 raise ValueError(

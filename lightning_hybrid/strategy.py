@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Iterator
@@ -46,6 +47,16 @@ from .gather import missing_params
 from .generation import GenerationContext, check_generate_request
 from .kernels import select_backend
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
+from .model_parallel import (
+    check_autotp_model,
+    check_inference_tp,
+    check_world_size,
+    data_parallel_rank_and_size,
+    gather_tensor_parallel_state,
+    initialize_kwargs,
+    resolve_training_tp,
+    zero_init_kwargs,
+)
 from .tensor_parallel import check_tp_support
 
 
@@ -86,6 +97,12 @@ class HybridEngineStrategy(DeepSpeedStrategy):
             dynamic cache; other calls generate as they come, counted in ``prompt_sharing_skipped``).
         oom_split_min_batch: when a generation runs out of memory, it is retried in halves of
             the batch, down to this many rows; below that, a clear error.
+        training_tp_size: tensor-parallel degree while *training* (DeepSpeed's AutoTP, the config's
+            ``tensor_parallel.autotp_size``): each rank holds 1/T of every sliced linear, ZeRO works over
+            the data-parallel group, the sampler shards by data-parallel rank. None: the config's value
+            (default 1). See ``model_parallel.py``.
+        mpu: a Megatron-style model-parallel unit for an actor you sliced yourself; passed to every
+            ``deepspeed.initialize`` and to ``zero.Init``. Excludes ``training_tp_size > 1``.
         **kwargs: every other ``DeepSpeedStrategy`` argument (``config``, ``offload_*``, ...).
     """
 
@@ -107,6 +124,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         share_prompt_prefill: bool = True,
         oom_split_min_batch: int = 1,
         kernel_check_interval: int = 100,
+        training_tp_size: int | None = None,
+        mpu: Any | None = None,
         **kwargs: Any,
     ) -> None:
         settings = HybridEngineSettings(
@@ -144,6 +163,13 @@ class HybridEngineStrategy(DeepSpeedStrategy):
 
         self.hybrid_settings = merge_hybrid_block(self.config, settings)
         self.zero_stage = zero_stage(self.config)
+        self.mpu = mpu
+        self.training_tp_size = resolve_training_tp(self.config, training_tp_size, mpu)
+        check_inference_tp(self.hybrid_settings.inference_tp_size, self.training_tp_size, mpu)
+        if self.training_tp_size > 1 and self.hybrid_settings.inference_tp_size > 1:
+            # inference_tp_size == training_tp_size: generate in the training layout, nothing re-sliced.
+            self.hybrid_settings = dataclasses.replace(self.hybrid_settings, inference_tp_size=1)
+            self.config["hybrid_engine"] = self.hybrid_settings.as_block()
         if self.hybrid_settings.inference_tp_size > 1:
             if self.zero_stage != 3:
                 raise ValueError(
@@ -207,9 +233,23 @@ class HybridEngineStrategy(DeepSpeedStrategy):
                 f"`inference_tp_size={tp}` must divide the world size {self.world_size}"
                 f" ({self.num_nodes} node(s) x {self.num_processes} process(es)). Pick a divisor of {self.world_size}."
             )
+        check_world_size(self.training_tp_size, self.world_size, self.num_nodes, self.num_processes)
         if self.inference_backend == "deepspeed":
             select_backend("deepspeed", self.root_device)
         super()._configure_launcher()
+
+    def connect(self, model) -> None:
+        # Before any process exists: a model AutoTP cannot slice evenly fails here (or, built in
+        # configure_model, in setup()).
+        if self.training_tp_size > 1 and any(getattr(m, "config", None) is not None for m in model.modules()):
+            check_autotp_model(model, self.training_tp_size)
+        super().connect(model)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        # The ranks of a tensor-parallel group compute one batch together: shard by data-parallel rank.
+        rank, size = data_parallel_rank_and_size(self.global_rank, self.world_size, self.training_tp_size, self.mpu)
+        return {"num_replicas": size, "rank": rank}
 
     @property
     def _on_cuda(self) -> bool:
@@ -242,6 +282,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         assert self.model is not None
         path, generation_module = resolve_generation_module(self.model, self.generation_module_path)
         self.generation_module_path = path
+        if self.training_tp_size > 1:
+            check_autotp_model(self.model, self.training_tp_size)
         if self.hybrid_settings.inference_tp_size > 1:
             check_tp_support(generation_module, self.hybrid_settings.inference_tp_size)
         self.backend, why = select_backend(self.inference_backend, self.root_device, generation_module)
@@ -270,12 +312,26 @@ class HybridEngineStrategy(DeepSpeedStrategy):
     def _building_hybrid_engine(self) -> Iterator[None]:
         # deepspeed.initialize() constructs `deepspeed.DeepSpeedHybridEngine` whenever the
         # config enables it; point that name at our subclass for the duration of the call.
-        original = deepspeed.DeepSpeedHybridEngine
+        # Lightning's deepspeed.initialize() calls take no mpu: add the user's, if any.
+        original, initialize = deepspeed.DeepSpeedHybridEngine, deepspeed.initialize
         deepspeed.DeepSpeedHybridEngine = self._engine_factory()
+        deepspeed.initialize = functools.partial(initialize, **initialize_kwargs(self.mpu))
         try:
             yield
         finally:
-            deepspeed.DeepSpeedHybridEngine = original
+            deepspeed.DeepSpeedHybridEngine, deepspeed.initialize = original, initialize
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # Lightning's, plus the user's mpu: ZeRO-3 then partitions over the data-parallel group.
+        self._init_config_if_needed()
+        with deepspeed.zero.Init(
+            enabled=self.zero_stage_3,
+            remote_device=self.remote_device,
+            config_dict_or_path=self.config,
+            **zero_init_kwargs(self.mpu),
+        ):
+            yield
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer, lr_scheduler=None):
         with self._building_hybrid_engine():
@@ -285,7 +341,7 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         # Lightning rebuilds the engine for validate()/predict() from a config reduced to
         # precision and ZeRO keys, dropping the hybrid engine. Keep it.
         config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "hybrid_engine": self.config["hybrid_engine"]}
-        for key in ("fp16", "bf16", "zero_optimization", "zero_allow_untested_optimizer"):
+        for key in ("fp16", "bf16", "zero_optimization", "zero_allow_untested_optimizer", "tensor_parallel"):
             if key in self.config:
                 config[key] = self.config[key]
         remove_module_hooks(model)
@@ -404,6 +460,8 @@ class HybridEngineStrategy(DeepSpeedStrategy):
         params = missing_params(module.parameters(), engine) if engine.Z3_enabled else []
         with GatheredParameters(params, enabled=bool(params)):
             state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            if self.training_tp_size > 1 or self.mpu is not None:  # AutoTP slices, made whole
+                state = gather_tensor_parallel_state(module, state)
         if self.is_global_zero:
             write_hf_directory(module, state, Path(directory), merge_lora)
         self.barrier("export_actor")
