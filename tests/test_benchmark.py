@@ -85,3 +85,23 @@ def test_switch_breakdown_tiny():
     for part in ("enter: all-gather", "enter: fuse LoRA", "exit: restore ZeRO-3 hooks", "**enter total**"):
         assert f"| {part} |" in output, part
     assert "greedy tokens equal in every context: yes" in output
+
+
+def test_rl_step_benchmark_tiny(tmp_path):
+    """benchmarks/rl_step.py: both paths of the example's step, every phase in the table and the JSON."""
+    out = tmp_path / "rl_step.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rl_step.py"), "--model", "tiny", "--processes", "1"]
+    cmd += ["--steps", "2", "--json", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    results = json.loads(out.read_text())["results"]["1"]
+    for path in ("plain", "shared"):
+        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
+            assert results[path][phase] > 0, (path, phase)
+        assert results[path]["measured steps"] == 1
+    assert results["plain"]["prompt positions reused per step"] == 0
+    assert results["shared"]["prompt positions reused per step"] > 0
+    assert "| whole step |" in proc.stdout and "1 process(es): whole step" in proc.stdout

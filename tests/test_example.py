@@ -21,11 +21,20 @@ CONFIGS = ROOT / "examples" / "configs"
 TIMEOUT_S = 600  # generous for a loaded CI machine; a run takes tens of seconds
 
 
-def run_example(cwd: Path, *args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+def run_example(
+    cwd: Path, *args: str, timeout: int = TIMEOUT_S, without_matplotlib: bool = False
+) -> subprocess.CompletedProcess:
     # 1 thread per process: no oversubscription on a 2-core machine.
     env = subprocess_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    command = [sys.executable, str(EXAMPLE), *args]
+    if without_matplotlib:
+        env["PYTHONWARNINGS"] = "default"  # the run says so as a warning
+    if without_matplotlib:  # as if it were not installed: importlib finds no spec for a None entry (set after
+        # Lightning's import, whose torchmetrics imports matplotlib whenever its package metadata is there)
+        launch = "import runpy, sys, lightning.pytorch; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:];"
+        command = [sys.executable, "-c", launch + " runpy.run_path(sys.argv[0], run_name='__main__')", *command[1:]]
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), *args],
+        command,
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -45,15 +54,21 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("config", "devices"),
-    [("tiny.yaml", 1), ("tiny.yaml", 2), ("tiny_full_finetune.yaml", 1)],
-    ids=["lora-1proc", "lora-2proc", "full-finetune-1proc"],
+    ("config", "devices", "plot"),
+    [("tiny.yaml", 1, True), ("tiny.yaml", 2, True), ("tiny_full_finetune.yaml", 1, False)],
+    ids=["lora-1proc", "lora-2proc", "full-finetune-1proc-no-matplotlib"],
 )
-def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int) -> None:
-    proc = run_example(tmp_path, "fit", "--config", str(CONFIGS / config), f"--trainer.devices={devices}")
+def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot: bool) -> None:
+    """The run finishes and writes its metrics, samples and plot; without matplotlib it says so before training
+    and still writes everything else."""
+    args = ("fit", "--config", str(CONFIGS / config), f"--trainer.devices={devices}")
+    proc = run_example(tmp_path, *args, without_matplotlib=not plot)
     out = proc.stdout + proc.stderr
     assert "`Trainer.fit` stopped: `max_steps=6` reached" in out
     assert "Sample answers (greedy), before vs after training" in out
+    if not plot:
+        said = proc.stderr.index("matplotlib is not installed, so the run will write")
+        assert said < proc.stderr.index("`Trainer.fit` stopped"), "the missing plot must be said before the training"
 
     # Exactly one run directory, written by rank 0 only.
     (run_dir,) = (tmp_path / "runs").glob("*/version_*")
@@ -63,10 +78,24 @@ def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int) -> N
     for name in ("hybrid_engine/gather_s", "hybrid_engine/generate_s", "hybrid_engine/step_s", "gen_tok/s", "kl"):
         values = [float(r[name]) for r in rows if r.get(name)]
         assert len(values) == 6, name
+    for name in (
+        "time/policy_forward_s",
+        "time/reference_s",
+        "time/backward_s",
+        "time/optimizer_s",
+        "memory/peak_rss_mb",
+    ):
+        values = [float(r[name]) for r in rows if r.get(name)]
+        assert len(values) == 6 and all(v > 0 for v in values), name
     assert all(float(r["hybrid_engine/new_tokens"]) > 0 for r in rows if r.get("hybrid_engine/new_tokens"))
+    # Each prompt's group of 4 rows shares one prefill: 3 of every 4 rows reuse it.
+    assert all(float(r["hybrid_engine/prompt_tokens_reused"]) > 0 for r in rows if r.get("hybrid_engine/calls"))
 
-    png = (run_dir / "report.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    if plot:
+        png = (run_dir / "report.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    else:
+        assert not (run_dir / "report.png").exists()
     samples = (run_dir / "samples.txt").read_text()
     assert samples.count("PROMPT:") == 2 and "before (reward" in samples and "after  (reward" in samples
     assert "mean reward: before" in samples

@@ -5,7 +5,9 @@ Parity, nothing lost and faults run under both front-ends (the Trainer and Fabri
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -100,6 +102,12 @@ def strategy_for(front_end: str, **kwargs):
     return (HybridEngineStrategy if front_end == "trainer" else FabricHybridEngineStrategy)(**kwargs)
 
 
+def grpo_prompts(distinct: int = 2, group: int = 3):
+    """GRPO's layout: each of a few left-padded prompts repeated for its group of rows."""
+    ids, mask = prompts(batch=distinct, length=7, seed=3)
+    return ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+
+
 @pytest.mark.parametrize(
     "front_end,stage,pin,lora,kv_cache,cache_frozen",
     [
@@ -167,8 +175,8 @@ def test_parity_with_unsharded_merged_reference(front_end, stage, pin, lora, kv_
 )
 def test_nothing_lost_over_cycles(front_end, stage, pin, cache_frozen):
     """5 generate/train cycles with a zero learning rate leave every weight bitwise as it was; hooks and modes
-    are back after every context."""
-    ids, mask = prompts()
+    are back after every context (rows repeating their prompts, so the shared prefill runs too)."""
+    ids, mask = grpo_prompts()
     seen = {}
 
     def on_step(run, batch):
@@ -178,6 +186,7 @@ def test_nothing_lost_over_cycles(front_end, stage, pin, cache_frozen):
             seen["modes"] = mode_state(run.actor)
         with run.strategy.generation() as actor:
             actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
+        assert run.strategy.generation_stats.prompt_tokens_reused > 0
         assert hook_state(run.actor) == seen["hooks"]
         assert mode_state(run.actor) == seen["modes"]
 
@@ -199,7 +208,7 @@ def test_nothing_lost_over_cycles(front_end, stage, pin, cache_frozen):
 @pytest.mark.parametrize("fault", [ValueError, KeyboardInterrupt])
 def test_fault_inside_context_restores_everything(fault, front_end):
     """An exception or interrupt in the block: weights, sharding, hooks, modes, RNG as before; training goes on."""
-    ids, mask = prompts()
+    ids, mask = grpo_prompts()
     seen = {}
 
     def on_step(run, batch):
@@ -335,3 +344,95 @@ def test_metrics_reach_the_logger(tmp_path):
     assert float(logged[0]["hybrid_engine/gathered_bytes"]) > 0
     stats = strategy.generation_stats
     assert stats.calls == 1 and stats.prompt_tokens == ids.numel() and stats.new_tokens == 16
+
+
+def generate_with_sharing(strategy, share: bool, *args, **kwargs):
+    """One context generating with prompt sharing on or off (same weights, same generation RNG state)."""
+    engine = strategy.hybrid_engine
+    engine.options = dataclasses.replace(engine.options, share_prompt_prefill=share)
+    with strategy.generation() as actor:
+        out = actor.generate(*args, **kwargs)
+    return out, strategy.generation_stats
+
+
+@pytest.mark.parametrize(
+    "stage,pin,cache_frozen",
+    [(3, True, False), (3, True, True), (3, False, False), (2, True, False)],
+    ids=["zero3-pinned", "zero3-cached", "zero3-layerwise", "zero2"],
+)
+def test_repeated_prompts_are_prefilled_once(stage, pin, cache_frozen):
+    """Rows repeating a prompt (anywhere in the batch, or via num_return_sequences) share one prefill: greedy
+    tokens equal plain generate's and the unsharded merged reference's, sampled per-step logits within 1e-5 of
+    plain generate's; the prompt positions not recomputed are counted."""
+    ids, mask = grpo_prompts()  # 2 prompts x 3 rows, 7 columns: 4 rows x 6 cached columns are not recomputed
+    shuffled = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
+    checked = []
+
+    def on_step(module, batch):
+        strategy = module.trainer.strategy
+        reference = unsharded_reference(module, "peft")
+        with torch.no_grad(), native_linear():
+            want = reference.generate(ids, attention_mask=mask, **GREEDY)
+        for rows in (torch.arange(ids.shape[0]), shuffled):
+            got, stats = generate_with_sharing(strategy, True, ids[rows], attention_mask=mask[rows], **GREEDY)
+            assert torch.equal(got, want[rows])
+            assert stats.prompt_tokens_reused == 4 * 6 and stats.prompt_sharing_skipped == 0
+            plain, stats = generate_with_sharing(strategy, False, ids[rows], attention_mask=mask[rows], **GREEDY)
+            assert torch.equal(plain, want[rows]) and stats.prompt_tokens_reused == 0
+        # num_return_sequences repeats rows inside generate: the same, made explicit.
+        distinct, distinct_mask = ids[::3], mask[::3]
+        got, stats = generate_with_sharing(
+            strategy, True, distinct, attention_mask=distinct_mask, num_return_sequences=3, **GREEDY
+        )
+        assert torch.equal(got, want) and stats.prompt_tokens_reused == 4 * 6
+        sampling = dict(max_new_tokens=6, do_sample=True, top_k=0, output_logits=True, return_dict_in_generate=True)
+        rng = copy.deepcopy(strategy.hybrid_engine.generation_rng)
+        outputs = {}
+        for share in (True, False):
+            strategy.hybrid_engine.generation_rng = copy.deepcopy(rng)
+            outputs[share], _ = generate_with_sharing(strategy, share, ids, attention_mask=mask, **sampling)
+        shared, plain = outputs[True], outputs[False]
+        assert torch.equal(shared.sequences, plain.sequences)
+        assert (torch.stack(shared.logits) - torch.stack(plain.logits)).abs().max() < 1e-5
+        checked.append(module.global_step)
+
+    strategy = HybridEngineStrategy(
+        config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1, cache_frozen_weights=cache_frozen
+    )
+    fit(RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05), strategy, steps=2)
+    assert checked == [0, 1]
+
+
+def test_prompt_sharing_steps_aside_for_calls_it_cannot_serve():
+    """A static workspace, beam search, or a caller's own cache: the call generates as it came (the same tokens),
+    the skip is counted and said once; calls without repeated rows are not counted; the setting turns it off."""
+    from transformers import DynamicCache
+
+    ids, mask = grpo_prompts()
+    seen = {}
+
+    def on_step(module, batch):
+        strategy = module.trainer.strategy
+        with strategy.generation() as actor:
+            seen["static"] = actor.generate(ids, attention_mask=mask, **GREEDY)
+        seen["static_stats"] = strategy.generation_stats
+        strategy.hybrid_engine.kv_workspace.static = False
+        with strategy.generation() as actor:
+            seen["dynamic"] = actor.generate(ids, attention_mask=mask, **GREEDY)
+            actor.generate(ids, attention_mask=mask, num_beams=2, **GREEDY)
+            actor.generate(ids, attention_mask=mask, past_key_values=DynamicCache(), **GREEDY)
+            actor.generate(ids[::3], attention_mask=mask[::3], **GREEDY)  # nothing repeats: nothing to count
+        seen["dynamic_stats"] = strategy.generation_stats
+
+    strategy = HybridEngineStrategy(config=ds_config(3), kv_cache="static", max_out_tokens=32)
+    with pytest.warns(UserWarning, match="kv_cache='static'") as said:
+        fit(RolloutModule(tiny_llama(), on_step), strategy, steps=1)
+    assert torch.equal(seen["static"], seen["dynamic"])
+    assert seen["static_stats"].prompt_sharing_skipped == 1 and seen["static_stats"].prompt_tokens_reused == 0
+    dynamic = seen["dynamic_stats"]
+    assert dynamic.prompt_sharing_skipped == 2 and dynamic.prompt_tokens_reused == 4 * 6
+    reasons = [str(w.message) for w in said if "repeat a prompt" in str(w.message)]
+    assert len(reasons) == 3 and any("beam search" in r for r in reasons) and any("own cache" in r for r in reasons)
+
+    with pytest.raises(TypeError, match="share_prompt_prefill"):
+        HybridEngineStrategy(share_prompt_prefill="yes")

@@ -1,0 +1,178 @@
+"""The RL step benchmark: the example's GRPO step, today's plain path and the shared-prompt path, side by side.
+
+    python benchmarks/rl_step.py                          # SmolLM2-135M-Instruct + LoRA, 1 and 2 processes
+    python benchmarks/rl_step.py --model tiny --processes 1 --steps 3   # a quick check of the harness
+
+Each run is ``examples/rlhf.py fit`` on its embedded default (or ``examples/configs/tiny.yaml``),
+in a fresh subprocess, for ``--steps`` steps, one path after the other for each process count
+(``--repeats`` alternates them again). The two paths:
+
+* ``plain``: every row computes its prompt again: ``share_prompt_prefill=False`` in the strategy,
+  ``share_prompts=False`` in scoring, a frozen copy of the model as the KL reference (as before);
+* ``shared``: each prompt once per group in generation and in scoring, the reference from the
+  actor with its adapter disabled (the example's defaults).
+
+The example logs each step's phases (``hybrid_engine/generate_s`` and ``switch_s`` from the
+strategy, ``time/reference_s``, ``time/policy_forward_s``, ``time/backward_s``,
+``time/optimizer_s`` and ``memory/peak_rss_mb``, the largest over ranks); the first step is
+ZeRO-3's tracing warm-up and is left out. Prints a markdown table, writes JSON (``--json``,
+default ``benchmarks/results/rl_step_<model>.json``). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "rlhf.py"
+PATHS = {
+    "plain": [
+        "--trainer.strategy.init_args.share_prompt_prefill=false",
+        "--model.share_prompts=false",
+        "--model.reference=copy",
+    ],
+    "shared": [],
+}
+PHASES = {  # name in the table: metric logged by the example
+    "generate": "hybrid_engine/generate_s",
+    "switch (gather, fuse, release)": "hybrid_engine/switch_s",
+    "reference log-probs": "time/reference_s",
+    "policy forward": "time/policy_forward_s",
+    "backward": "time/backward_s",
+    "optimizer": "time/optimizer_s",
+    "whole step": "hybrid_engine/step_s",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    parser.add_argument("--steps", type=int, default=5, help="steps per run; the first is left out")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each path per process count, alternated")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument(
+        "example_args", nargs="*", help="after --: more arguments for examples/rlhf.py fit (both paths)"
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is ZeRO-3's warm-up)")
+    args.processes = [int(p) for p in args.processes.split(",")]
+    args.json = args.json or ROOT / "benchmarks" / "results" / f"rl_step_{args.model}.json"
+    return args
+
+
+def run_example(args: argparse.Namespace, path: str, processes: int, workdir: Path) -> dict:
+    """One ``fit`` of the example; its per-step metrics (warm-up step dropped) and wall time."""
+    command = [sys.executable, str(EXAMPLE), "fit", *PATHS[path]]
+    if args.model == "tiny":
+        command += ["--config", str(ROOT / "examples" / "configs" / "tiny.yaml")]
+    command += [f"--trainer.max_steps={args.steps}", f"--trainer.devices={processes}", "--model.num_samples=0"]
+    command += ["--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={workdir}"]
+    command += args.example_args
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    started = time.perf_counter()
+    proc = subprocess.run(
+        command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=args.timeout
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{path} x{processes} failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
+    (metrics_csv,) = workdir.glob("*/version_*/metrics.csv")
+    steps: dict[int, dict[str, float]] = {}
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
+            steps.setdefault(int(row["step"]), {}).update(values)
+    measured = [m for s, m in sorted(steps.items()) if "hybrid_engine/step_s" in m][1:]
+    return {"path": path, "processes": processes, "wall_s": wall, "steps": measured}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over every measured step of every run of one path."""
+    steps = [s for run in runs for s in run["steps"]]
+    summary = {name: statistics.median(s.get(metric, 0.0) for s in steps) for name, metric in PHASES.items()}
+    tokens = sum(s["hybrid_engine/new_tokens"] for s in steps)
+    summary["generated tokens/s"] = tokens / sum(s["hybrid_engine/generate_s"] for s in steps)
+    summary["peak RSS (MiB, largest rank)"] = max(s["memory/peak_rss_mb"] for s in steps)
+    summary["prompt positions reused per step"] = statistics.median(
+        s.get("hybrid_engine/prompt_tokens_reused", 0.0) for s in steps
+    )
+    summary["mean reward"] = statistics.fmean(s["reward"] for s in steps)
+    summary["measured steps"] = len(steps)
+    return summary
+
+
+def table(results: dict[int, dict[str, dict]]) -> str:
+    lines = []
+    for processes, by_path in results.items():
+        plain, shared = by_path["plain"], by_path["shared"]
+        lines += [
+            f"\n{processes} process(es):\n",
+            "| | plain | shared | plain / shared |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name in [*PHASES, "generated tokens/s", "peak RSS (MiB, largest rank)"]:
+            a, b = plain[name], shared[name]
+            if name == "generated tokens/s":
+                ratio = f"{b / a:.2f}x (shared / plain)" if a else "-"
+            else:
+                ratio = f"{a / b:.2f}x" if b else "-"
+            lines.append(f"| {name} | {a:.3f} | {b:.3f} | {ratio} |")
+        lines.append(
+            f"| prompt positions reused per step | {plain['prompt positions reused per step']:.0f}"
+            f" | {shared['prompt positions reused per step']:.0f} | |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="rl_step_") as tmp:
+        for processes in args.processes:
+            for repeat in range(args.repeats):
+                order = ["plain", "shared"] if repeat % 2 == 0 else ["shared", "plain"]
+                for path in order:
+                    workdir = Path(tmp) / f"{path}_{processes}_{repeat}"
+                    workdir.mkdir()
+                    run = run_example(args, path, processes, workdir)
+                    print(f"{path} x{processes} (repeat {repeat}): {run['wall_s']:.0f} s", flush=True)
+                    runs.append(run)
+    results = {
+        p: {path: summarize([r for r in runs if r["processes"] == p and r["path"] == path]) for path in PATHS}
+        for p in args.processes
+    }
+    header = (
+        f"model {args.model}, examples/rlhf.py defaults ({'tiny.yaml' if args.model == 'tiny' else 'embedded'}),"
+        f" {args.steps} steps per run (first left out), {args.repeats} run(s) per path, seconds per step (median);"
+        f" {platform.machine()} with {os.cpu_count()} cores"
+    )
+    print(header + table(results))
+    for processes, by_path in results.items():
+        step = by_path["plain"]["whole step"] / by_path["shared"]["whole step"]
+        generation = by_path["shared"]["generated tokens/s"] / by_path["plain"]["generated tokens/s"]
+        memory = by_path["shared"]["peak RSS (MiB, largest rank)"] < by_path["plain"]["peak RSS (MiB, largest rank)"]
+        print(
+            f"{processes} process(es): whole step {step:.2f}x faster (target 1.8x), generation {generation:.2f}x"
+            f" plain generate (target 1.2x), peak memory below the plain path's: {memory}"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"header": header, "results": results, "runs": runs}, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
