@@ -55,6 +55,8 @@ def test_world_size_and_backend_checks_happen_at_fabric_construction():
         Fabric(accelerator="cpu", devices=1, strategy=HybridEngineStrategy(inference_tp_size=2))
     with pytest.raises(ValueError, match="CUDA"):
         Fabric(accelerator="cpu", devices=1, strategy=HybridEngineStrategy(inference_backend="deepspeed"))
+    with pytest.raises(ValueError, match="not supported by the Fabric strategy yet"):
+        Fabric(accelerator="cpu", devices=2, strategy=HybridEngineStrategy(training_tp_size=2))
 
 
 def fabric_with(strategy, **kwargs) -> Fabric:
