@@ -417,7 +417,8 @@ class StepTimer(Callback):
 
     @staticmethod
     def of(trainer: Trainer) -> StepTimer:
-        return next((c for c in trainer.callbacks if isinstance(c, StepTimer)), StepTimer())
+        # Under Fabric (examples/rlhf_fabric.py) `trainer` is Lightning's Fabric shim, without callbacks.
+        return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, StepTimer)), StepTimer())
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -49,13 +49,16 @@ class EngineOptions:
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
-    """The model that generates: ``path`` inside ``root``, or its only submodule with ``generate``."""
+    """The model that generates: ``path`` inside ``root`` ("" is ``root``), else its only submodule with
+    ``generate``, else ``root`` itself when it generates."""
     if path is None:
         found: list[str] = []
         for name, module in root.named_modules():
             if name and callable(getattr(module, "generate", None)):
                 if not any(name.startswith(f"{outer}.") for outer in found):
                     found.append(name)
+        if not found and callable(getattr(root, "generate", None)):
+            return "", root  # e.g. a Hugging Face model given to fabric.setup as it is
         if len(found) != 1:
             what = "no submodule" if not found else f"{len(found)} submodules ({', '.join(found)})"
             raise ValueError(
@@ -65,7 +68,7 @@ def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, n
             )
         path = found[0]
     module: nn.Module = root
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         child = getattr(module, part, None)
         if not isinstance(child, nn.Module):
             options = [n for n, _ in module.named_children()]

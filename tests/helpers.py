@@ -211,6 +211,12 @@ def prompt_loader(n: int = 8, batch: int = 2, length: int = 6) -> DataLoader:
     return DataLoader(TensorDataset(ids, mask), batch_size=batch)
 
 
+def lm_loss(actor: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The tests' training loss: next-token cross entropy on the prompts."""
+    logits = actor(input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
 class RolloutModule(LightningModule):
     """A minimal RLHF-shaped module: generate in the step, then train the actor on a loss.
 
@@ -238,8 +244,7 @@ class RolloutModule(LightningModule):
         ids, mask = batch
         if self.on_step is not None:
             self.on_step(self, batch)
-        logits = self.actor(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        loss = lm_loss(self.actor, ids, mask)
         self.losses.append(loss.item())
         self.log("loss", loss)
         return loss
@@ -303,6 +308,94 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         port = s.getsockname()[1]
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore", **extra)
     return env
+
+
+# -- the same training run under both front-ends -------------------------------------------------
+FRONT_ENDS = ("trainer", "fabric")
+
+
+class Run:
+    """What a test's step callback sees, the same under the Trainer and under Fabric.
+
+    ``strategy``, ``actor`` (the policy as the user built it), ``engine``, ``step``, ``rank``,
+    ``losses``; ``trainer`` or ``fabric`` is the other one's None.
+    """
+
+    def __init__(self, strategy, actor: nn.Module, trainer=None, fabric=None) -> None:
+        self.strategy, self.actor, self.trainer, self.fabric = strategy, actor, trainer, fabric
+        self.step = 0
+        self.losses: list[float] = []
+
+    @property
+    def engine(self):
+        return self.strategy.model
+
+    @property
+    def rank(self) -> int:
+        return self.strategy.global_rank
+
+
+class Policy(nn.Module):
+    """The module a Fabric loop hands to ``fabric.setup``: the actor, and the tests' loss as its forward."""
+
+    def __init__(self, actor: nn.Module) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.actor, ids, mask)
+
+
+def train(
+    front_end: str,
+    actor: nn.Module,
+    strategy,
+    on_step: Callable | None = None,
+    steps: int = 2,
+    lr: float = 1e-2,
+    devices: int = 1,
+    before_step: Callable | None = None,
+) -> Run:
+    """``steps`` training steps on ``prompt_loader()``: ``before_step(run)`` outside the engine's forward, then
+    ``on_step(run, batch)`` (generation), then the loss, backward and optimizer step. The Trainer runs it as a
+    ``RolloutModule`` fit; Fabric as the hand-written loop a Fabric user writes."""
+    if front_end == "trainer":
+        run = Run(strategy, actor)
+
+        def view(module) -> Run:
+            run.trainer, run.step = module.trainer, module.global_step
+            return run
+
+        module = RolloutModule(actor, on_step and (lambda m, batch: on_step(view(m), batch)), lr=lr)
+        if before_step is not None:
+            module.before_step = lambda m: before_step(view(m))
+        fit(module, strategy, steps=steps, devices=devices)
+        run.losses = module.losses
+        return run
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy)
+    fabric.launch()
+    run = Run(fabric.strategy, actor, fabric=fabric)
+    policy = Policy(actor)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
+    model, optimizer = fabric.setup(policy, optimizer)
+    loader = fabric.setup_dataloaders(prompt_loader())
+    while run.step < steps:
+        for batch in loader:
+            if run.step >= steps:
+                break
+            if before_step is not None:
+                before_step(run)
+            if on_step is not None:
+                on_step(run, batch)
+            loss = model(*batch)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            run.losses.append(loss.item())
+            run.step += 1
+    return run
 
 
 def group_batch(prompts_n: int = 2, group: int = 3, response_len: int = 5, seed: int = 0):

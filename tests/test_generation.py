@@ -1,4 +1,7 @@
-"""The generation context, in-process (1 rank): parity, nothing lost, errors, workspace, metrics."""
+"""The generation context, in-process (1 rank): parity, nothing lost, errors, workspace, metrics.
+
+Parity, nothing lost and faults run under both front-ends (the Trainer and Fabric, through `helpers.train`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch
 from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from helpers import (
+    FRONT_ENDS,
     RolloutModule,
+    Run,
     add_dschat_lora,
     add_peft_lora,
     ds_config,
@@ -19,9 +24,11 @@ from helpers import (
     merged_reference,
     prompts,
     tiny_llama,
+    train,
 )
 
 from lightning_hybrid import HybridEngineStrategy
+from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy
 from lightning_hybrid.gather import missing_params, native_linear
 
 
@@ -35,8 +42,11 @@ def make_actor(lora: str | None):
 
 
 def whole(module):
-    """The actor's weights whole for a block, leaving what ZeRO-3 itself fetched alone."""
-    return GatheredParameters(missing_params(module.actor.parameters(), module.trainer.strategy.model))
+    """The actor's weights whole for a block, leaving what ZeRO-3 itself fetched alone.
+
+    ``module``: a RolloutModule in a fit, or the ``Run`` of ``helpers.train`` (Trainer or Fabric)."""
+    engine = module.engine if isinstance(module, Run) else module.trainer.strategy.model
+    return GatheredParameters(missing_params(module.actor.parameters(), engine))
 
 
 def unsharded_reference(module, lora: str | None):
@@ -87,6 +97,11 @@ def log_probs(model, ids, mask):
 GREEDY = dict(max_new_tokens=8, do_sample=False)
 
 
+def strategy_for(front_end: str, **kwargs):
+    """The Trainer's ``HybridEngineStrategy`` or Fabric's, with the same arguments."""
+    return (HybridEngineStrategy if front_end == "trainer" else FabricHybridEngineStrategy)(**kwargs)
+
+
 def grpo_prompts(distinct: int = 2, group: int = 3):
     """GRPO's layout: each of a few left-padded prompts repeated for its group of rows."""
     ids, mask = prompts(batch=distinct, length=7, seed=3)
@@ -94,99 +109,126 @@ def grpo_prompts(distinct: int = 2, group: int = 3):
 
 
 @pytest.mark.parametrize(
-    "stage,pin,lora,kv_cache",
+    "front_end,stage,pin,lora,kv_cache,cache_frozen",
     [
-        (3, True, "peft", "dynamic"),
-        (3, True, "peft", "static"),
-        (3, False, "peft", "dynamic"),
-        (3, True, "dschat", "dynamic"),
-        (3, False, "dschat", "static"),
-        (2, True, "peft", "dynamic"),
-        (2, True, "dschat", "dynamic"),
-        (3, True, None, "dynamic"),
+        ("trainer", 3, True, "peft", "dynamic", False),
+        ("trainer", 3, True, "peft", "static", False),
+        ("trainer", 3, False, "peft", "dynamic", False),
+        ("trainer", 3, True, "dschat", "dynamic", False),
+        ("trainer", 3, False, "dschat", "static", False),
+        ("trainer", 2, True, "peft", "dynamic", False),
+        ("trainer", 2, True, "dschat", "dynamic", False),
+        ("trainer", 3, True, None, "dynamic", False),
+        ("fabric", 3, True, "peft", "dynamic", False),
+        ("fabric", 3, False, "peft", "static", False),
+        ("fabric", 3, True, "peft", "dynamic", True),
+        ("fabric", 2, True, "peft", "dynamic", False),
     ],
 )
-def test_parity_with_unsharded_merged_reference(stage, pin, lora, kv_cache):
+def test_parity_with_unsharded_merged_reference(front_end, stage, pin, lora, kv_cache, cache_frozen):
     """Greedy tokens and log-probs inside the context equal the whole, merged policy's (bit for bit), before and
-    after steps."""
+    after steps, under the Trainer and under Fabric."""
     ids, mask = prompts()
     checked = []
 
-    def on_step(module, batch):
-        if module.global_step not in (0, 3):
+    def on_step(run, batch):
+        if run.step not in (0, 3):
             return
-        reference = unsharded_reference(module, lora)
+        reference = unsharded_reference(run, lora)
         with torch.no_grad(), native_linear():  # as in a process without DeepSpeed
             want = reference.generate(ids, attention_mask=mask, **GREEDY)
             want_lp = log_probs(reference, ids, mask)
-        with module.trainer.strategy.generation() as actor:
+        with run.strategy.generation() as actor:
             got = actor.generate(ids, attention_mask=mask, **GREEDY)
-            got_lp = log_probs(actor, ids, mask)
+            got_lp = log_probs(actor, ids, mask)  # the yielded module's __call__, even under Fabric's wrapper
         assert torch.equal(got, want)
         assert torch.equal(got_lp, want_lp)  # bit for bit: same weights, same kernels
-        checked.append(module.global_step)
+        checked.append(run.step)
 
-    strategy = HybridEngineStrategy(
-        config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1, max_out_tokens=64, kv_cache=kv_cache
+    strategy = strategy_for(
+        front_end,
+        config=ds_config(stage),
+        pin_parameters=pin,
+        tp_gather_partition_size=1,
+        max_out_tokens=64,
+        kv_cache=kv_cache,
+        cache_frozen_weights=cache_frozen,
     )
-    module = RolloutModule(make_actor(lora), on_step, lr=0.05)
-    fit(module, strategy, steps=4)
+    run = train(front_end, make_actor(lora), strategy, on_step, steps=4, lr=0.05)
     assert checked == [0, 3]
     if stage == 3:  # really sharded, so the context really gathered
-        assert all(s == ZeroParamStatus.NOT_AVAILABLE and n == 0 for _, s, n in sharding_state(module.actor))
+        assert all(s == ZeroParamStatus.NOT_AVAILABLE and n == 0 for _, s, n in sharding_state(run.actor))
 
 
-@pytest.mark.parametrize("stage,pin", [(3, True), (3, False), (2, True)])
-def test_nothing_lost_over_cycles(stage, pin):
-    """5 generate/train cycles with a zero learning rate leave every weight bitwise as it was (rows repeating
-    their prompts, so the shared prefill runs too)."""
+@pytest.mark.parametrize(
+    "front_end,stage,pin,cache_frozen",
+    [
+        ("trainer", 3, True, False),
+        ("trainer", 3, False, False),
+        ("trainer", 2, True, False),
+        ("trainer", 3, True, True),
+        ("fabric", 3, True, False),
+        ("fabric", 3, False, False),
+        ("fabric", 2, True, False),
+        ("fabric", 3, True, True),
+    ],
+)
+def test_nothing_lost_over_cycles(front_end, stage, pin, cache_frozen):
+    """5 generate/train cycles with a zero learning rate leave every weight bitwise as it was; hooks and modes
+    are back after every context (rows repeating their prompts, so the shared prefill runs too)."""
     ids, mask = grpo_prompts()
     seen = {}
 
-    def on_step(module, batch):
+    def on_step(run, batch):
         if "before" not in seen:
-            seen["before"] = snapshot(module)
-            seen["hooks"] = hook_state(module)
-            seen["modes"] = mode_state(module)
-        with module.trainer.strategy.generation() as actor:
+            seen["before"] = snapshot(run)
+            seen["hooks"] = hook_state(run.actor)
+            seen["modes"] = mode_state(run.actor)
+        with run.strategy.generation() as actor:
             actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
-        assert module.trainer.strategy.generation_stats.prompt_tokens_reused > 0
-        assert hook_state(module) == seen["hooks"]
-        assert mode_state(module) == seen["modes"]
+        assert run.strategy.generation_stats.prompt_tokens_reused > 0
+        assert hook_state(run.actor) == seen["hooks"]
+        assert mode_state(run.actor) == seen["modes"]
 
-    module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.0)
-    strategy = HybridEngineStrategy(config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1)
-    fit(module, strategy, steps=5)
-    after = snapshot(module)
+    strategy = strategy_for(
+        front_end,
+        config=ds_config(stage),
+        pin_parameters=pin,
+        tp_gather_partition_size=1,
+        cache_frozen_weights=cache_frozen,
+    )
+    run = train(front_end, add_peft_lora(tiny_llama()), strategy, on_step, steps=5, lr=0.0)
+    after = snapshot(run)
     assert after.keys() == seen["before"].keys()
     for name, value in after.items():
         assert torch.equal(value, seen["before"][name]), name
 
 
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
 @pytest.mark.parametrize("fault", [ValueError, KeyboardInterrupt])
-def test_fault_inside_context_restores_everything(fault):
+def test_fault_inside_context_restores_everything(fault, front_end):
     """An exception or interrupt in the block: weights, sharding, hooks, modes, RNG as before; training goes on."""
     ids, mask = grpo_prompts()
     seen = {}
 
-    def on_step(module, batch):
-        if module.global_step != 1:
+    def on_step(run, batch):
+        if run.step != 1:
             return
-        before = (snapshot(module), sharding_state(module.actor), hook_state(module), mode_state(module))
+        state = lambda: (snapshot(run), sharding_state(run.actor), hook_state(run.actor), mode_state(run.actor))  # noqa: E731
+        before = state()
         rng = torch.get_rng_state()
         with pytest.raises(fault):
-            with module.trainer.strategy.generation() as actor:
+            with run.strategy.generation() as actor:
                 actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
                 raise fault("boom")
         assert torch.equal(torch.get_rng_state(), rng)
-        after = (snapshot(module), sharding_state(module.actor), hook_state(module), mode_state(module))
+        after = state()
         assert after[1:] == before[1:]
         assert all(torch.equal(after[0][k], before[0][k]) for k in before[0])
         seen["ok"] = True
 
-    module = RolloutModule(add_peft_lora(tiny_llama()), on_step)
-    fit(module, HybridEngineStrategy(config=ds_config(3)), steps=3)
-    assert seen["ok"] and len(module.losses) == 3 and all(torch.isfinite(torch.tensor(module.losses)))
+    run = train(front_end, add_peft_lora(tiny_llama()), strategy_for(front_end, config=ds_config(3)), on_step, steps=3)
+    assert seen["ok"] and len(run.losses) == 3 and all(torch.isfinite(torch.tensor(run.losses)))
 
 
 def test_generation_keeps_training_rng_stream_and_samples_vary():

@@ -112,9 +112,10 @@ def test_a_training_tp_size_not_dividing_the_world_is_refused_before_any_process
 def test_dimensions_or_heads_not_divisible_are_refused_on_connect(overrides, match):
     strategy = HybridEngineStrategy(config=ds_config(2), training_tp_size=2)
     module = RolloutModule(tiny_llama(**overrides))
+    had_group = torch.distributed.is_initialized()  # an earlier in-process fit leaves its group (Lightning: atexit)
     with pytest.raises(ValueError, match=rf"training_tp_size=2 does not divide actor's {match}"):
         strategy.connect(module)  # what Trainer.fit calls first, before any process group
-    assert not torch.distributed.is_initialized()
+    assert torch.distributed.is_initialized() == had_group  # connect() created none
 
 
 @pytest.mark.parametrize("lora", [add_peft_lora, add_dschat_lora], ids=["peft", "dschat"])

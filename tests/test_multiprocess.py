@@ -57,6 +57,14 @@ def test_tensor_parallel_generation_matches_the_unsharded_model():
     assert result.returncode == 0 and "TP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+def test_both_front_ends_keep_parity_and_lose_nothing_on_two_ranks():
+    """The Trainer's and Fabric's strategy on 2 ranks, ZeRO-3 pinned, layer-wise and with the frozen-weight cache,
+    and ZeRO-2, PEFT LoRA: every rank's greedy tokens equal the merged reference's each step, the weights are bitwise
+    as before each context, and a fault inside one restores everything (``scenario_front_ends``)."""
+    result = run("front_ends", timeout=300)
+    assert result.returncode == 0 and "FRONT_ENDS OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 def test_autotp_training_matches_the_unsharded_model():
     """training_tp_size=2 (DeepSpeed's AutoTP) on 2 ranks, ZeRO-1, 2 and 3 in one launch, default sampler: both
     ranks get the same batches, every sliced linear of the actor and of a frozen reference holds half the weight,

@@ -36,9 +36,11 @@ from helpers import (  # noqa: E402
     tiny_llama,
     tiny_neox,
     tiny_qwen2,
+    train,
 )
 
 from lightning_hybrid import HybridEngineStrategy  # noqa: E402
+from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy  # noqa: E402
 from lightning_hybrid.gather import decoder_layers, missing_params  # noqa: E402
 
 
@@ -202,6 +204,59 @@ def scenario_tp(args) -> None:
     tp_fit(lambda: tiny_qwen2(num_key_value_heads=2, tie_word_embeddings=True), tp=2)  # biased q/k/v, tied head
     # Three key/value heads on two ranks (as SmolLM2's 9/3): AutoTP splits them 2 + 1.
     tp_fit(lambda: tiny_llama(hidden_size=96, num_attention_heads=6, num_key_value_heads=3), tp=2)
+
+
+def scenario_front_ends(args) -> None:
+    """The Trainer and Fabric, 2 ranks, ZeRO-3 (pinned, layer-wise, frozen-weight cache) and ZeRO-2, PEFT LoRA:
+    each step, every rank's greedy tokens equal the whole merged policy's, and the weights are bitwise as they
+    were before the context; a fault raised inside it (step 1) leaves weights, sharding, hooks, modes and the
+    training RNG as they were; training goes on."""
+
+    def weights(run) -> dict[str, torch.Tensor]:
+        with GatheredParameters(missing_params(run.actor.parameters(), run.engine)):
+            return {n: p.detach().clone() for n, p in run.actor.named_parameters()}
+
+    def state(run):
+        sharding = [(n, p.ds_status, p.data.numel()) for n, p in run.actor.named_parameters() if hasattr(p, "ds_id")]
+        hooks = [(n, list(m._forward_pre_hooks), list(m._forward_hooks)) for n, m in run.actor.named_modules()]
+        modes = [(n, m.training) for n, m in run.actor.named_modules()]
+        return sharding, hooks, modes, [p.requires_grad for p in run.actor.parameters()]
+
+    def on_step(run, batch):
+        ids, mask = prompts(batch=2 + run.rank, length=5 + 2 * run.rank, seed=run.rank + 10 * run.step)
+        before, before_state = weights(run), state(run)
+        with GatheredParameters(missing_params(run.actor.parameters(), run.engine)):
+            whole = {k: v.detach().clone() for k, v in run.actor.state_dict().items()}
+        fresh = add_peft_lora(tiny_llama())
+        fresh.load_state_dict(whole)
+        want = merged_reference(fresh).generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        rng = torch.get_rng_state()
+        try:
+            with run.strategy.generation() as actor:
+                got = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+                if run.step == 1:
+                    raise ValueError("injected fault")
+        except ValueError as error:
+            assert run.step == 1 and "injected fault" in str(error), error
+        assert torch.equal(got, want), f"{label} rank {run.rank} step {run.step}: context != merged reference"
+        assert torch.equal(torch.get_rng_state(), rng), f"{label}: training RNG moved"
+        assert state(run) == before_state, f"{label} rank {run.rank} step {run.step}: sharding/hooks/modes differ"
+        after = weights(run)
+        assert all(torch.equal(after[n], before[n]) for n in before), f"{label} step {run.step}: weights changed"
+
+    for front_end, strategy_class in (("trainer", HybridEngineStrategy), ("fabric", FabricHybridEngineStrategy)):
+        for stage, pin, cache_frozen in ((3, True, False), (3, False, False), (3, True, True), (2, True, False)):
+            label = f"{front_end} stage={stage} pin={pin} cache_frozen={cache_frozen}"
+            strategy = strategy_class(
+                config=ds_config(stage),
+                pin_parameters=pin,
+                tp_gather_partition_size=1,
+                cache_frozen_weights=cache_frozen,
+            )
+            run = train(front_end, add_peft_lora(tiny_llama()), strategy, on_step, steps=3, lr=0.05, devices=2)
+            assert len(run.losses) == 3 and all(math.isfinite(loss) for loss in run.losses), label
+            flat = torch.cat([p.flatten() for p in weights(run).values()])
+            assert all_equal_across_ranks(flat), f"{label}: ranks disagree on the weights"
 
 
 def rollout_loss(model, ids, mask) -> torch.Tensor:
@@ -561,7 +616,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "scenario",
-        choices=["fit", "eos", "rank_fault", "tp", "score", "autotp", "mpu", "dp_tp", "tp_checkpoint"],
+        choices=["fit", "eos", "rank_fault", "tp", "front_ends", "score", "autotp", "mpu", "dp_tp", "tp_checkpoint"],
     )
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
