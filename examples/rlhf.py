@@ -340,7 +340,7 @@ class GRPO(LightningModule):
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
 
         # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
-        # prompt once, each of its G responses on its KV cache (share_prompts), or every row in full.
+        # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
         timer = StepTimer.of(self.trainer)
         with timer.phase("policy_forward_s"):
             logp = self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
