@@ -17,6 +17,11 @@ strategy, ``time/reference_s``, ``time/policy_forward_s``, ``time/backward_s``,
 ``time/optimizer_s`` and ``memory/peak_rss_mb``, the largest over ranks); the first step is
 ZeRO-3's tracing warm-up and is left out. Prints a markdown table, writes JSON (``--json``,
 default ``benchmarks/results/rl_step_<model>.json``). See benchmarks/README.md.
+
+``--floor`` also times the same step in plain PyTorch in this process (no DeepSpeed, no Lightning:
+``transformers`` generate, the example's scoring and loss, AdamW), both paths alternated step by step:
+the compute floor of each path, so the ratio the strategy reaches can be read against the ratio the
+arithmetic allows on this machine.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path per process count, alternated")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--floor", action="store_true", help="also time both paths in plain PyTorch (see above)")
     parser.add_argument(
         "example_args", nargs="*", help="after --: more arguments for examples/rlhf.py fit (both paths)"
     )
@@ -138,6 +144,98 @@ def table(results: dict[int, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+FLOOR_PHASES = ["generate", "switch (gather, fuse, release)", "reference log-probs", "policy forward", "backward"]
+FLOOR_PHASES += ["optimizer", "whole step"]
+
+
+def floor(args: argparse.Namespace) -> dict[str, dict]:
+    """Both paths' step in plain PyTorch, alternated step by step in this process; medians per phase.
+
+    The same work as the example's ``training_step`` on the same prompts and seeds, with what
+    DeepSpeed and Lightning add taken away: generation on the LoRA-merged actor (``merge_adapter``,
+    timed as the switch), the shared path's prefill through ``lightning_hybrid.prefix_cache``.
+    """
+    import torch
+    import yaml
+
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import rlhf
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    settings = {"num_samples": 0}
+    data_settings = {}
+    if args.model == "tiny":
+        config = yaml.safe_load((ROOT / "examples" / "configs" / "tiny.yaml").read_text())
+        settings |= config["model"]
+        data_settings = config.get("data", {})
+    modules = {
+        "plain": rlhf.GRPO(**settings, reference="copy", share_prompts=False),
+        "shared": rlhf.GRPO(**settings),
+    }
+    optimizers = {path: module.configure_optimizers() for path, module in modules.items()}
+    data = rlhf.PromptData(**data_settings)
+    torch.manual_seed(0)
+    batches = list(data.train_dataloader())
+    times: dict[str, list[dict[str, float]]] = {path: [] for path in modules}
+    for step in range(args.steps):
+        batch = batches[step % len(batches)]
+        for path, module in modules.items():
+            torch.manual_seed(step)  # both paths sample from the same stream
+            times[path].append(_floor_step(rlhf, module, optimizers[path], batch, shared=path == "shared"))
+    return {path: {k: statistics.median(t[k] for t in ts[1:]) for k in FLOOR_PHASES} for path, ts in times.items()}
+
+
+def _floor_step(rlhf, module, optimizer, batch, shared: bool) -> dict[str, float]:
+    import torch
+
+    from lightning_hybrid.prefix_cache import PromptGroups, prefill
+
+    G, hp = module.hparams.group_size, module.hparams
+    times: dict[str, float] = {}
+    started = last = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - last
+        last = now
+
+    prompt_ids, prompt_mask = module.encode([item["prompt"] for item in batch])
+    ids, mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
+    actor = module.actor
+    actor.eval()
+    actor.merge_adapter()
+    lap("switch (gather, fuse, release)")
+    with torch.no_grad():
+        kwargs = {"attention_mask": mask, "max_new_tokens": hp.max_new_tokens, "do_sample": True}
+        kwargs |= {"temperature": hp.temperature, "top_k": 0, "pad_token_id": module.tokenizer.pad_token_id}
+        kwargs["eos_token_id"] = module.eos_ids
+        if shared:  # what the generation context does: each distinct prompt prefilled once
+            kwargs["past_key_values"], _ = prefill(actor, ids[:, :-1], mask[:, :-1], PromptGroups.of(ids, mask))
+        responses = actor.generate(ids, **kwargs)[:, ids.shape[1] :]
+    lap("generate")
+    actor.unmerge_adapter()
+    actor.train()
+    lap("switch (gather, fuse, release)")
+    resp_mask, finished = module.response_mask(responses)
+    answers = [item["answers"] for item in batch for _ in range(G)]
+    rewards = module.score(module.decode(responses, resp_mask), finished, answers)
+    advantages = rlhf.group_advantages(rewards, G)
+    last = time.perf_counter()  # rewards are not the model's work
+    logp = module.token_logprobs(actor, prompt_ids, prompt_mask, responses, resp_mask)
+    lap("policy forward")
+    ref_logp = module.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
+    lap("reference log-probs")
+    loss, _ = module.loss(logp, ref_logp, advantages, resp_mask)
+    loss.backward()
+    lap("backward")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lap("optimizer")
+    times["whole step"] = time.perf_counter() - started
+    return times
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     runs: list[dict] = []
@@ -169,8 +267,18 @@ def main(argv=None) -> None:
             f"{processes} process(es): whole step {step:.2f}x faster (target 1.8x), generation {generation:.2f}x"
             f" plain generate (target 1.2x), peak memory below the plain path's: {memory}"
         )
+    floors = floor(args) if args.floor else None
+    if floors:
+        print(f"\nPlain PyTorch, in this process, both paths alternated ({args.steps} steps, first left out):\n")
+        print("| | plain | shared | plain / shared |\n| --- | --- | --- | --- |")
+        for name in FLOOR_PHASES:
+            a, b = floors["plain"][name], floors["shared"][name]
+            print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+        ratio = floors["plain"]["whole step"] / floors["shared"]["whole step"]
+        print(f"compute floor of the ratio: whole step {ratio:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"header": header, "results": results, "runs": runs}, indent=1))
+    report = {"header": header, "results": results, "runs": runs} | ({"floor": floors} if floors else {})
+    args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
 
 

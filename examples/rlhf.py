@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -194,6 +194,12 @@ class PromptData(LightningDataModule):
 # the policy and its update
 
 
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each reward relative to the others in its group (consecutive rows): GRPO's baseline, no critic."""
+    grouped = rewards.view(-1, group_size)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
 class GRPO(LightningModule):
     """GRPO: policy gradient with group-relative advantages, no critic.
 
@@ -336,32 +342,17 @@ class GRPO(LightningModule):
 
         # 2. rewards, and advantages relative to the other responses to the same prompt
         rewards = self.score(texts, finished, [item["answers"] for item in batch for _ in range(G)])
-        grouped = rewards.view(-1, G)
-        advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+        advantages = group_advantages(rewards, G)
 
         # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
         # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
         timer = StepTimer.of(self.trainer)
         with timer.phase("policy_forward_s"):
             logp = self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
-        # One gradient step per rollout, so the PPO ratio pi/pi_old is 1 and its clipping never
-        # triggers: the objective is the plain policy gradient A * log pi.
-        pg = -advantages[:, None] * logp
-        loss_per_token = pg
-        kl = torch.zeros_like(logp)
-        if self.reference_mode != "none":
-            if self.reference_mode == "adapter":
-                reference, as_reference = self.actor, self.actor.disable_adapter()
-            else:
-                reference, as_reference = self.reference, nullcontext()
-            with timer.phase("reference_s"), torch.no_grad(), as_reference:
-                ref_logp = self.token_logprobs(reference, prompt_ids, prompt_mask, responses, resp_mask)
-            log_ratio = ref_logp - logp
-            kl = log_ratio.exp() - log_ratio - 1  # the "k3" estimator: unbiased and always >= 0
-            loss_per_token = pg + self.hparams.kl_coef * kl
-        # Token-level mean over the whole batch (as in DAPO): long answers get no smaller weight per token.
+        with timer.phase("reference_s"):
+            ref_logp = self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
+        loss, kl = self.loss(logp, ref_logp, advantages, resp_mask)
         tokens = resp_mask.sum().clamp(min=1)
-        loss = (loss_per_token * resp_mask).sum() / tokens
 
         self.log("reward", rewards.mean(), prog_bar=True, sync_dist=True, batch_size=len(batch))
         self.log_dict(
@@ -370,12 +361,37 @@ class GRPO(LightningModule):
                 "kl": (kl * resp_mask).sum() / tokens,
                 "response_tokens": resp_mask.sum(1).float().mean(),
                 "finished": finished.float().mean(),
-                "reward_std_in_group": grouped.std(1).mean(),
+                "reward_std_in_group": rewards.view(-1, G).std(1).mean(),
             },
             sync_dist=True,
             batch_size=len(batch),
         )
         return loss
+
+    @torch.no_grad()
+    def reference_logprobs(self, prompt_ids, prompt_mask, responses, resp_mask) -> torch.Tensor | None:
+        """The starting policy's log-probs of the responses, or None without a KL penalty."""
+        if self.reference_mode == "none":
+            return None
+        if self.reference_mode == "copy":
+            return self.token_logprobs(self.reference, prompt_ids, prompt_mask, responses, resp_mask)
+        with self.actor.disable_adapter():
+            return self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
+
+    def loss(
+        self, logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor, resp_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRPO's loss, a token-level mean over the batch, and the per-token KL towards the reference."""
+        # One gradient step per rollout, so the PPO ratio pi/pi_old is 1 and its clipping never
+        # triggers: the objective is the plain policy gradient A * log pi.
+        loss_per_token = -advantages[:, None] * logp
+        kl = torch.zeros_like(logp)
+        if ref_logp is not None:
+            log_ratio = ref_logp - logp
+            kl = log_ratio.exp() - log_ratio - 1  # the "k3" estimator: unbiased and always >= 0
+            loss_per_token = loss_per_token + self.hparams.kl_coef * kl
+        # Token-level mean over the whole batch (as in DAPO): long answers get no smaller weight per token.
+        return (loss_per_token * resp_mask).sum() / resp_mask.sum().clamp(min=1), kl
 
     def token_logprobs(
         self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses, resp_mask
@@ -582,6 +598,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {
             "generation_module": "actor",  # explicit: with full fine-tuning a frozen reference copy can generate too
             "max_out_tokens": 96,  # prompt + max_new_tokens per sequence: longer requests are refused
+            # ZeRO-3 fetches each decoder layer whole instead of hooking its ~60 LoRA-wrapped submodules:
+            # the same numbers, a fraction of the per-pass hook overhead (lightning_hybrid/zero3_leaves.py).
+            "zero3_leaf_modules": "auto",
             "config": {  # a DeepSpeed config (with one, Lightning's own ZeRO arguments are ignored)
                 "zero_optimization": {
                     "stage": 3,

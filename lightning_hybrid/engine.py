@@ -30,6 +30,7 @@ from .kernels import KERNEL_BACKEND, KernelPath, KernelRouting, ParityGuard, sel
 from .model_parallel import data_parallel_rank, replace_batch_check
 from .tensor_parallel import TensorParallelGather
 from .workspace import InferenceWorkspace
+from .zero3_leaves import keep_leaf_gradients, mark_leaves
 
 __all__ = ["EngineOptions", "HybridEngine", "resolve_generation_module", "select_backend"]
 
@@ -46,6 +47,7 @@ class EngineOptions:
     kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
     kv_cache: str = "dynamic"  # the portable path's KV cache: "dynamic" (transformers' default) or "static"
     share_prompt_prefill: bool = True  # rows repeating a prompt prefill it once and share its KV cache
+    zero3_leaf_modules: str | tuple[str, ...] | list[str] | None = None  # see zero3_leaves.py
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
@@ -91,7 +93,10 @@ class HybridEngine(DeepSpeedHybridEngine):
     def __init__(self, args, model: nn.Module, *, options: EngineOptions, **kwargs) -> None:
         # DeepSpeedHybridEngine.__init__ minus what only kernel containers need: its
         # WorkspaceOp() would JIT-compile DeepSpeed's CUDA inference ops for nothing.
+        mark_leaves(model, options.zero3_leaf_modules)  # read by ZeRO-3 as it hooks the modules
         DeepSpeedEngine.__init__(self, args, model, **kwargs)
+        if self._config.zero_config.stage == 3:
+            keep_leaf_gradients(model)
         replace_batch_check(self)  # tensor-parallel training: one that reads Lightning's nested batches
         synced = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
         dist.broadcast(synced, 0)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "generation.py"
@@ -88,12 +89,12 @@ def test_switch_breakdown_tiny():
 
 
 def test_rl_step_benchmark_tiny(tmp_path):
-    """benchmarks/rl_step.py: both paths of the example's step, every phase in the table and the JSON."""
+    """benchmarks/rl_step.py: both paths of the example's step, every phase in the table and the JSON, and the
+    same step's plain-PyTorch floor (--floor)."""
     out = tmp_path / "rl_step.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "rl_step.py"), "--model", "tiny", "--processes", "1"]
-    cmd += ["--steps", "2", "--json", str(out)]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
+    cmd += ["--steps", "2", "--floor", "--json", str(out)]
+    env = subprocess_env(OMP_NUM_THREADS="1")  # a port of its own: an earlier in-process fit may hold one
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
@@ -105,3 +106,8 @@ def test_rl_step_benchmark_tiny(tmp_path):
     assert results["plain"]["prompt positions reused per step"] == 0
     assert results["shared"]["prompt positions reused per step"] > 0
     assert "| whole step |" in proc.stdout and "1 process(es): whole step" in proc.stdout
+    floor = json.loads(out.read_text())["floor"]
+    for path in ("plain", "shared"):
+        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
+            assert floor[path][phase] > 0, (path, phase)
+    assert "compute floor of the ratio: whole step" in proc.stdout

@@ -586,19 +586,22 @@ def scenario_tp_checkpoint(args) -> None:
 
 
 def scenario_score(args) -> None:
-    """response_logprobs under ZeRO-3 (Qwen2, full fine-tuning) and ZeRO-2 (GPT-NeoX + LoRA) on 2 ranks, each with
-    its own batch: shared-prompt log-probs within 1e-4 of the plain forward's, the step's update within 1e-4."""
+    """response_logprobs under ZeRO-3 (Qwen2, full fine-tuning; Llama + LoRA with the shared run's decoder layers as
+    ZeRO-3 leaves) and ZeRO-2 (GPT-NeoX + LoRA) on 2 ranks, each with its own batch: shared-prompt log-probs within
+    1e-4 of the plain forward's, the step's update within 1e-4."""
     cases = [
-        (3, lambda: tiny_qwen2(num_key_value_heads=2)),
-        (2, lambda: add_peft_lora(tiny_neox(), targets=("query_key_value", "dense_4h_to_h"))),
+        (3, lambda: tiny_qwen2(num_key_value_heads=2), None),
+        (3, lambda: add_peft_lora(tiny_llama()), "auto"),
+        (2, lambda: add_peft_lora(tiny_neox(), targets=("query_key_value", "dense_4h_to_h")), None),
     ]
-    for stage, build in cases:
+    for stage, build, leaves in cases:
         before = {n: p.detach().clone() for n, p in build().named_parameters() if p.requires_grad}
         updates, logprobs = {}, {}
         for share in (True, False):
             # Lightning's launcher re-runs this script per rank with LOCAL_RANK set; rank 0 is the first process.
             module = ScoringModule(build(), share, group_batch(seed=int(os.environ.get("LOCAL_RANK", "0"))))
-            trainer = fit(module, HybridEngineStrategy(config=ds_config(stage)), steps=1, devices=2)
+            strategy = HybridEngineStrategy(config=ds_config(stage), zero3_leaf_modules=leaves if share else None)
+            trainer = fit(module, strategy, steps=1, devices=2)
             with GatheredParameters(missing_params(module.actor.parameters(), trainer.strategy.model)):
                 updates[share] = {
                     n: p.detach() - before[n] for n, p in module.actor.named_parameters() if p.requires_grad
