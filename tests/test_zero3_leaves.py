@@ -4,7 +4,7 @@ Two ranks: tests/scripts/two_ranks.py ``score`` (a LoRA step with leaves equals 
 import pytest
 import torch
 from deepspeed.runtime.zero import GatheredParameters
-from helpers import FRONT_ENDS, add_peft_lora, ds_config, tiny_llama, train
+from helpers import add_peft_lora, ds_config, tiny_llama, train
 from torch import nn
 
 import lightning_hybrid.engine
@@ -14,7 +14,7 @@ from lightning_hybrid.gather import missing_params, zero3_offload
 from lightning_hybrid.zero3_leaves import leaf_classes
 
 
-def _run(front_end: str, leaves, steps: int = 3, pin: bool = True):
+def _run(front_end: str, leaves, steps: int = 2, pin: bool = True):
     tokens = []
 
     def on_step(run, batch):
@@ -31,14 +31,14 @@ def _run(front_end: str, leaves, steps: int = 3, pin: bool = True):
     return run.losses, tokens, lora, len(zero3_offload(engine).forward_hooks)
 
 
-@pytest.mark.parametrize("front_end, pin", [*((f, True) for f in FRONT_ENDS), ("trainer", False)])
+@pytest.mark.parametrize("front_end, pin", [("trainer", True), ("fabric", False)])
 def test_leaf_blocks_train_and_generate_as_without(front_end, pin):
     """LoRA under ZeRO-3 with each decoder layer a leaf: the same losses, greedy tokens (whole-model and
     layer-wise gathering) and trained adapter as DeepSpeed's per-submodule hooks, with a fraction of the hooks."""
     losses, tokens, lora, hooks = _run(front_end, None, pin=pin)
     leaf_losses, leaf_tokens, leaf_lora, leaf_hooks = _run(front_end, "auto", pin=pin)
-    assert leaf_losses == pytest.approx(losses, rel=1e-6) and len(losses) == 3
-    assert all(torch.equal(a, b) for a, b in zip(tokens, leaf_tokens)) and len(tokens) == 3
+    assert leaf_losses == pytest.approx(losses, rel=1e-6) and len(losses) == 2
+    assert all(torch.equal(a, b) for a, b in zip(tokens, leaf_tokens)) and len(tokens) == 2
     assert lora.keys() == leaf_lora.keys() and lora
     for name, weight in lora.items():
         torch.testing.assert_close(leaf_lora[name], weight, rtol=1e-5, atol=1e-7, msg=name)
