@@ -40,7 +40,13 @@ def leaf_classes(root: nn.Module, spec: str | Sequence[str]) -> list[type]:
                 f"`zero3_leaf_modules='auto'` found no Hugging Face model with `_no_split_modules` in"
                 f" {type(root).__name__}. Name the block classes instead, e.g. zero3_leaf_modules=['MyBlock']."
             )
-        return [present[n] for n in names if n in present]
+        found = [present[n] for n in names if n in present]
+        if not found:
+            raise ValueError(
+                f"`zero3_leaf_modules='auto'`: the blocks its models name ({names}) are not modules of"
+                f" {type(root).__name__}. Name the block classes instead, e.g. zero3_leaf_modules=['MyBlock']."
+            )
+        return found
     missing = [n for n in spec if n not in present]
     if missing:
         raise ValueError(
