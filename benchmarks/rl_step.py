@@ -152,7 +152,8 @@ def floor(args: argparse.Namespace) -> dict[str, dict]:
 
     The same work as the example's ``training_step`` on the same prompts and seeds, with what
     DeepSpeed and Lightning add taken away: generation on the LoRA-merged actor (``merge_adapter``,
-    timed as the switch), the shared path's prefill through ``lightning_hybrid.prefix_cache``.
+    timed as the switch) with the context's ``decode_linear``, the shared path's prefill through
+    ``lightning_hybrid.prefix_cache``.
     """
     import torch
     import yaml
@@ -161,6 +162,7 @@ def floor(args: argparse.Namespace) -> dict[str, dict]:
     import rlhf
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    rlhf.keep_freed_memory()  # as the example's own process does
     settings = {"num_samples": 0}
     data_settings = {}
     if args.model == "tiny":
@@ -187,6 +189,7 @@ def floor(args: argparse.Namespace) -> dict[str, dict]:
 def _floor_step(rlhf, module, optimizer, batch, shared: bool) -> dict[str, float]:
     import torch
 
+    from lightning_hybrid.decode_linear import decode_linear
     from lightning_hybrid.prefix_cache import PromptGroups, prefill
 
     G, hp = module.hparams.group_size, module.hparams
@@ -205,7 +208,7 @@ def _floor_step(rlhf, module, optimizer, batch, shared: bool) -> dict[str, float
     actor.eval()
     actor.merge_adapter()
     lap("switch (gather, fuse, release)")
-    with torch.no_grad():
+    with torch.no_grad(), decode_linear():  # the generation context's own products
         kwargs = {"attention_mask": mask, "max_new_tokens": hp.max_new_tokens, "do_sample": True}
         kwargs |= {"temperature": hp.temperature, "top_k": 0, "pad_token_id": module.tokenizer.pad_token_id}
         kwargs["eos_token_id"] = module.eos_ids

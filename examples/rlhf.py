@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
 import csv
+import ctypes
 import importlib.util
 import json
 import re
@@ -624,8 +625,29 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for the next allocation instead of handing it back to the OS.
+
+    Under ZeRO-3 each forward and backward gathers every weight into fresh buffers and frees them
+    after; with glibc's defaults freed blocks go back to the OS (blocks over a moving mmap threshold
+    are unmapped, a heap top with enough free is trimmed), so every pass faults the same pages in
+    again. Measured here (SmolLM2 + LoRA, one CPU process): half the page faults, steps ~10% faster,
+    peak RSS +4%. Not off glibc, nor where the environment already tunes malloc.
+    """
+    if any(k.startswith("MALLOC_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: blocks up to 32 MiB come from the heap
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap's free top
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()
     # Deprecation notices that would repeat every step under the progress bar: transformers 5
     # renamed generate's `past_key_values` to `cache`; torch renamed the collectives DeepSpeed calls.
     warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")

@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, help="training steps (overrides trainer.max_steps)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rlhf.keep_freed_memory()
     warnings.filterwarnings("ignore", message=".*`torch.distributed.[a-z_]+` is deprecated.*")  # as in rlhf.py
     config = job(args.config)
     trainer = config["trainer"]

@@ -4,7 +4,8 @@ On entry, in this order (each step registers its own undo, so an exception or an
 at any point unwinds exactly what was done, in reverse):
 
 1. train/eval flags and ``requires_grad`` recorded; the actor goes to eval, gradients off,
-   and ``F.linear`` is torch's own again (``gather.native_linear``);
+   and ``F.linear`` is torch's own again (``gather.native_linear``), on CPU with decoding-sized
+   products in whichever bit-identical layout the BLAS runs faster (``decode_linear.py``);
 2. the training RNG stream is set aside and the generation stream swapped in;
 3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``);
 4. ``actor.generate`` is wrapped: requests are checked against ``max_out_tokens`` before any
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from .decode_linear import decode_linear
 from .engine import HybridEngine
 from .gather import native_linear
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
@@ -150,6 +152,8 @@ class GenerationContext:
             p.requires_grad_(False)
         self._stack.enter_context(torch.no_grad())
         self._stack.enter_context(native_linear())
+        if engine.device.type == "cpu":
+            self._stack.enter_context(decode_linear())  # decoding-sized products in the BLAS's faster layout
 
     def _swap_rng(self) -> None:
         engine = self.engine

@@ -8,9 +8,13 @@ could not be. Each run gets its own MASTER_PORT and a temporary working director
 from __future__ import annotations
 
 import csv
+import ctypes
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import subprocess_env
@@ -142,3 +146,23 @@ def test_rlhf_fabric_example_end_to_end(tmp_path: Path, devices: int) -> None:
         assert float(row["hybrid_engine/gather_s"]) > 0 and float(row["kl"]) >= 0
     assert (run_dir / "report.png").read_bytes().startswith(b"\x89PNG")
     assert "mean reward: before" in (run_dir / "samples.txt").read_text()
+
+
+def test_malloc_settings_are_left_to_an_environment_that_sets_them(monkeypatch) -> None:
+    """The example tunes glibc's malloc only where nobody else did: with MALLOC_* or GLIBC_TUNABLES set, it does not."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # set at the example's import
+    spec = importlib.util.spec_from_file_location("rlhf_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=lambda *args: calls.append(args)))
+    for key in [k for k in os.environ if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))]:
+        monkeypatch.delenv(key)
+    example.keep_freed_memory()
+    assert len(calls) == 2
+    for key, value in [("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")]:
+        with monkeypatch.context() as env:
+            env.setenv(key, value)
+            example.keep_freed_memory()
+    assert len(calls) == 2

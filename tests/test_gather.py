@@ -83,8 +83,11 @@ def test_parameter_getter_set_aside_while_gathered_and_changes_carried_over():
 @pytest.mark.parametrize("fault", [None, RuntimeError])
 def test_generation_uses_torch_linear_and_gives_deepspeeds_back(fault):
     """ZeRO-3 replaces F.linear for good with DeepSpeed's autograd wrapper (slow, and pointless without
-    gradients); inside the context torch's own runs, and the wrapper is back after, even after a fault."""
+    gradients); inside the context torch's own runs (on CPU through decode_linear, which calls it), and the
+    wrapper is back after, even after a fault."""
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from lightning_hybrid import decode_linear
 
     ids, mask = prompts()
     seen = []
@@ -100,7 +103,7 @@ def test_generation_uses_torch_linear_and_gives_deepspeeds_back(fault):
         seen.append(torch.nn.functional.linear)
 
     fit(RolloutModule(tiny_llama(), on_step), HybridEngineStrategy(config=ds_config(3)), steps=1)
-    assert seen == [zero3_linear_wrap, torch._C._nn.linear, zero3_linear_wrap]
+    assert seen == [zero3_linear_wrap, decode_linear.linear, zero3_linear_wrap]
 
 
 def test_native_linear_leaves_other_replacements_alone(monkeypatch):
