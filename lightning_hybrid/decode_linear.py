@@ -6,9 +6,9 @@ given that layout with 16-48 rows, takes 2-3x as long for a SmolLM2 layer as ``(
 which returns the same bits (with one thread the two take the same time: it is how the
 work is split between threads, not the arithmetic). Which layout wins, and whether
 the two agree to the bit, depends on the BLAS, the CPU and the thread count, so nothing is
-assumed: the first call of each (weight shape, rows, dtypes, threads) tries both on random
-data and keeps the weight-left product only if it gives the very same result and is clearly
-faster. Every other call (a strided input among them) is ``F.linear``, unchanged, so
+assumed: the first call of each (rows, weight shape, dtype, bias, threads) tries both on
+random rows and keeps the weight-left product only if it gives the very same result and is
+clearly faster. Every other call (a strided input among them) is ``F.linear``, unchanged, so
 generation's tokens and logits are exactly what ``F.linear`` gives.
 
 The generation context turns it on for its block (``decode_linear()``); training never
