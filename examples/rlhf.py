@@ -645,14 +645,15 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap's free top
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """The command line: ``args`` as after ``python examples/rlhf.py`` (default: ``sys.argv``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     keep_freed_memory()
     # Deprecation notices that would repeat every step under the progress bar: transformers 5
     # renamed generate's `past_key_values` to `cache`; torch renamed the collectives DeepSpeed calls.
     warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*`torch.distributed.[a-z_]+` is deprecated.*")
-    LightningCLI(GRPO, PromptData, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=42)
+    LightningCLI(GRPO, PromptData, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=42, args=args)
     if torch.distributed.is_initialized():  # leaving it alive can abort at interpreter exit (gloo threads)
         torch.distributed.destroy_process_group()
 

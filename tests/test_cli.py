@@ -1,14 +1,16 @@
-"""The strategy picked from a Lightning CLI run: by name, by class path, from YAML (subprocess, a few steps)."""
+"""The strategy picked from a Lightning CLI run: by name, by class path, from YAML (a few steps each).
+
+``tests/scripts/cli.py``'s ``main`` runs in this process with the arguments a user would type after
+``python tests/scripts/cli.py``: the same parser and the same fit, without a new interpreter per case.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import subprocess_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "cli.py"
 COMMON = [
@@ -22,22 +24,29 @@ COMMON = [
 ]
 
 
-def run_cli(*args: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *COMMON, *args], env=subprocess_env(), capture_output=True, text=True, timeout=180
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("STRATEGY "))
-    return json.loads(line.removeprefix("STRATEGY "))
+@pytest.fixture
+def run_cli(capsys):
+    spec = importlib.util.spec_from_file_location("cli_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(*args: str) -> dict:
+        capsys.readouterr()
+        script.main([*COMMON, *args])
+        out = capsys.readouterr().out
+        line = next(line for line in out.splitlines() if line.startswith("STRATEGY "))
+        return json.loads(line.removeprefix("STRATEGY "))
+
+    return run
 
 
-def test_registered_name():
+def test_registered_name(run_cli):
     report = run_cli("--trainer.strategy=hybrid_engine_stage_2")
     assert report["class"] == "HybridEngineStrategy" and report["stage"] == 2
     assert report["engine"] == "HybridEngine" and report["calls"] == 1
 
 
-def test_class_path_with_init_args():
+def test_class_path_with_init_args(run_cli):
     report = run_cli(
         "--trainer.strategy=lightning_hybrid.HybridEngineStrategy",
         "--trainer.strategy.max_out_tokens=256",
@@ -50,7 +59,7 @@ def test_class_path_with_init_args():
 @pytest.mark.parametrize(
     "class_path", ["lightning_hybrid.HybridEngineStrategy", "lightning_hybrid.strategy.HybridEngineStrategy"]
 )
-def test_yaml_config(tmp_path, class_path):
+def test_yaml_config(tmp_path, class_path, run_cli):
     config = tmp_path / "run.yaml"
     config.write_text(
         "trainer:\n"

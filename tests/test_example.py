@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,19 +107,41 @@ def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot
     assert (run_dir / "config.yaml").exists()  # LightningCLI saved the resolved config
 
 
-def print_config(cwd: Path, *args: str) -> str:
-    return run_example(cwd, "fit", *args, "--print_config", timeout=120).stdout
+def load_example(monkeypatch):
+    """``examples/rlhf.py`` as a module, imported in this process (its import edits sys.path and the env)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # set at the example's import
+    spec = importlib.util.spec_from_file_location("rlhf_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
 
 
-def test_default_yaml_is_the_embedded_default(tmp_path: Path) -> None:
-    embedded = print_config(tmp_path)
+@pytest.fixture
+def print_config(monkeypatch, capsys):
+    """The resolved config of ``python examples/rlhf.py fit <args> --print_config``, parsed in this process."""
+    example = load_example(monkeypatch)
+    monkeypatch.setattr(example, "keep_freed_memory", lambda: None)  # not this test process's malloc
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done, warnings.catch_warnings():
+            example.main(["fit", *args, "--print_config"])
+        assert done.value.code in (0, None), capsys.readouterr().err[-4000:]
+        return capsys.readouterr().out
+
+    return run
+
+
+def test_default_yaml_is_the_embedded_default(print_config) -> None:
+    embedded = print_config()
     assert "smollm2-135m-instruct" in embedded and "HybridEngineStrategy" in embedded
-    assert print_config(tmp_path, "--config", str(CONFIGS / "default.yaml")) == embedded
+    assert print_config("--config", str(CONFIGS / "default.yaml")) == embedded
 
 
-def test_cuda_config_parses(tmp_path: Path) -> None:
+def test_cuda_config_parses(print_config) -> None:
     # Not run here (8 GPUs), but every key must still be valid for the script and the strategy.
-    text = print_config(tmp_path, "--config", str(CONFIGS / "cuda_llama_zero3_8gpu.yaml"))
+    text = print_config("--config", str(CONFIGS / "cuda_llama_zero3_8gpu.yaml"))
     assert "accelerator: cuda" in text and "devices: 8" in text and "stage: 3" in text
 
 
@@ -150,11 +173,7 @@ def test_rlhf_fabric_example_end_to_end(tmp_path: Path, devices: int) -> None:
 
 def test_malloc_settings_are_left_to_an_environment_that_sets_them(monkeypatch) -> None:
     """The example tunes glibc's malloc only where nobody else did: with MALLOC_* or GLIBC_TUNABLES set, it does not."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # set at the example's import
-    spec = importlib.util.spec_from_file_location("rlhf_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example(monkeypatch)
     calls = []
     monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=lambda *args: calls.append(args)))
     for key in [k for k in os.environ if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))]:

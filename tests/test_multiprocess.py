@@ -1,6 +1,7 @@
 """Real DeepSpeed with 2 processes over gloo: each scenario is tests/scripts/two_ranks.py in a subprocess.
 
-Each run gets its own port and a hard timeout, so a hang fails the test instead of CI.
+Each run gets its own port and a hard timeout, so a hang fails the test instead of CI. Small scenarios
+share a launch (a module-scoped fixture), as starting the ranks costs more than they do.
 """
 
 from __future__ import annotations
@@ -21,16 +22,34 @@ def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     )
 
 
+def passed(result: subprocess.CompletedProcess, scenario: str) -> bool:
+    return f"{scenario.upper()} OK" in result.stdout
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def layerwise_run() -> subprocess.CompletedProcess:
+    """pin_parameters=False (ZeRO-3 gathers layer by layer in every forward): eos, then fit, in one launch."""
+    return run("eos", "fit", "--stage", "3", "--pin", "0", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def front_ends_and_score_run() -> subprocess.CompletedProcess:
+    return run("front_ends", "score", timeout=420)
+
+
 @pytest.mark.parametrize("stage,pin", [(3, 1), (3, 0), (2, 1)])
-def test_two_ranks_fit_generate_parity_and_agreement(stage, pin):
-    result = run("fit", "--stage", str(stage), "--pin", str(pin))
-    assert result.returncode == 0 and "FIT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+def test_two_ranks_fit_generate_parity_and_agreement(stage, pin, request):
+    result = request.getfixturevalue("layerwise_run") if pin == 0 else run("fit", "--stage", str(stage), "--pin", "1")
+    assert passed(result, "fit"), output(result)
 
 
-def test_rank_dependent_eos_finishes():
+def test_rank_dependent_eos_finishes(layerwise_run):
     """pin_parameters=False gathers in every forward: a rank that stops early must keep stepping."""
-    result = run("eos", "--pin", "0", timeout=180)
-    assert result.returncode == 0 and "EOS OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    assert passed(layerwise_run, "eos"), output(layerwise_run)
 
 
 @pytest.mark.parametrize(
@@ -57,12 +76,11 @@ def test_tensor_parallel_generation_matches_the_unsharded_model():
     assert result.returncode == 0 and "TP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def test_both_front_ends_keep_parity_and_lose_nothing_on_two_ranks():
+def test_both_front_ends_keep_parity_and_lose_nothing_on_two_ranks(front_ends_and_score_run):
     """The Trainer's and Fabric's strategy on 2 ranks, ZeRO-3 pinned, layer-wise and with the frozen-weight cache,
     and ZeRO-2, PEFT LoRA: every rank's greedy tokens equal the merged reference's each step, the weights are bitwise
     as before each context, and a fault inside one restores everything (``scenario_front_ends``)."""
-    result = run("front_ends", timeout=300)
-    assert result.returncode == 0 and "FRONT_ENDS OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    assert passed(front_ends_and_score_run, "front_ends"), output(front_ends_and_score_run)
 
 
 def test_autotp_training_matches_the_unsharded_model():
@@ -103,8 +121,7 @@ def test_autotp_checkpoint_resume_and_export(tmp_path):
     assert result.returncode == 0 and "TP_CHECKPOINT OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def test_shared_prompt_scoring_under_zero_on_two_ranks():
+def test_shared_prompt_scoring_under_zero_on_two_ranks(front_ends_and_score_run):
     """response_logprobs under ZeRO-3 (Qwen2, full) and ZeRO-2 (GPT-NeoX + LoRA), 2 ranks with their own batches:
     log-probs within 1e-4 of the plain forward's and the step's update within 1e-4 relative."""
-    result = run("score", timeout=240)
-    assert result.returncode == 0 and "SCORE OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    assert passed(front_ends_and_score_run, "score"), output(front_ends_and_score_run)

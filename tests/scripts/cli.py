@@ -1,4 +1,7 @@
-"""A LightningCLI entry point for tests/test_cli.py: prints the strategy it was given after a short fit."""
+"""A LightningCLI entry point for tests/test_cli.py: prints the strategy it was given after a short fit.
+
+python tests/scripts/cli.py fit --trainer.strategy=hybrid_engine_stage_2 ...
+"""
 
 from __future__ import annotations
 
@@ -44,7 +47,11 @@ class Prompts(LightningDataModule):
         return prompt_loader()
 
 
+def main(args: list[str] | None = None) -> None:
+    LightningCLI(TinyActor, Prompts, save_config_callback=None, args=args)
+
+
 if __name__ == "__main__":
-    LightningCLI(TinyActor, Prompts, save_config_callback=None)
+    main()
     if torch.distributed.is_initialized():  # leaving it alive can abort at interpreter exit
         torch.distributed.destroy_process_group()

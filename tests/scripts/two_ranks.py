@@ -1,9 +1,11 @@
 """Standalone multi-process scenarios, run by tests/test_multiprocess.py in a subprocess.
 
 Lightning's default launcher re-runs this script once per rank, so it must be a script,
-not a pytest test. Each rank asserts; rank 0 prints ``SCENARIO OK`` at the end.
+not a pytest test. Each rank asserts; rank 0 prints ``SCENARIO OK`` once every rank has passed a scenario.
+Several scenarios can share one launch (one interpreter start and process group per rank,
+the slow part of a small scenario): they run in the order given.
 
-    python tests/scripts/two_ranks.py <scenario> [--stage 3] [--pin 1]
+    python tests/scripts/two_ranks.py <scenario> [<scenario> ...] [--stage 3] [--pin 1]
 """
 
 from __future__ import annotations
@@ -307,8 +309,13 @@ def tp_training_fit(module, strategy, build, tp: int, steps: int = 3, **trainer_
                     got = actor.generate(prompt, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False)
                     logits = actor(input_ids=prompt, attention_mask=prompt_mask).logits
                 assert torch.equal(got, want), f"step {module.global_step}: {got.tolist()} != {want.tolist()}"
+                # Relative to the logits' scale: after an optimizer step the two copies' weights differ by
+                # AdamW's amplified rounding (1e-4 absolute at logits of ~2.7 on an AMD EPYC's MKL).
                 gap = (logits - want_logits)[prompt_mask.bool()].abs().max().item()
-                assert gap < 1e-4, f"step {module.global_step}: logits differ by {gap}"
+                scale = want_logits[prompt_mask.bool()].abs().max().item()
+                assert gap < 1e-4 * max(1.0, scale), (
+                    f"step {module.global_step}: logits differ by {gap} (scale {scale})"
+                )
             if frozen is not None:  # a frozen model beside the actor: sliced too, computes the same
                 theirs = module.reference(input_ids=ids, attention_mask=mask).logits
                 gap = (theirs - frozen(ids, attention_mask=mask).logits)[mask.bool()].abs().max().item()
@@ -618,7 +625,8 @@ def scenario_score(args) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "scenario",
+        "scenarios",
+        nargs="+",
         choices=["fit", "eos", "rank_fault", "tp", "front_ends", "score", "autotp", "mpu", "dp_tp", "tp_checkpoint"],
     )
     parser.add_argument("--stage", type=int, default=3)
@@ -627,8 +635,10 @@ if __name__ == "__main__":
     parser.add_argument("--dir", default=None)
     arguments = parser.parse_args()
     torch.set_num_threads(1)
-    globals()[f"scenario_{arguments.scenario}"](arguments)
-    if torch_dist.get_rank() == 0:
-        print(f"{arguments.scenario.upper()} OK", flush=True)
+    for scenario in arguments.scenarios:
+        globals()[f"scenario_{scenario}"](arguments)
+        torch_dist.barrier()  # raises on rank 0 if another rank failed: then no OK for this scenario
+        if torch_dist.get_rank() == 0:
+            print(f"{scenario.upper()} OK", flush=True)
     # Leaving with the process group alive can abort at interpreter exit (gloo worker threads).
     torch_dist.destroy_process_group()
