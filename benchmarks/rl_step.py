@@ -18,6 +18,13 @@ strategy, ``time/reference_s``, ``time/policy_forward_s``, ``time/backward_s``,
 ZeRO-3's tracing warm-up and is left out. Prints a markdown table, writes JSON (``--json``,
 default ``benchmarks/results/rl_step_<model>.json``). See benchmarks/README.md.
 
+On this project's shared 2-core machines the speed of the machine drifts 1.5-2x within minutes, so two
+fits run one after the other can disagree by more than the paths do. ``--alternate`` (the default on one
+process) therefore also runs one more fit in which every batch is stepped twice, by the plain path
+and by the shared path (the order swapped every other batch): the same process, engine, batches and
+moment, so the ratio it reads is the paths' own. Memory can only come from the separate fits (one fit
+holds both paths' models).
+
 ``--floor`` also times the same step in plain PyTorch in this process (no DeepSpeed, no Lightning:
 ``transformers`` generate, the example's scoring and loss, AdamW), both paths alternated step by step:
 the compute floor of each path, so the ratio the strategy reaches can be read against the ratio the
@@ -69,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--floor", action="store_true", help="also time both paths in plain PyTorch (see above)")
     parser.add_argument(
+        "--alternate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time both paths within one fit, batch by batch (one process only; see above)",
+    )
+    parser.add_argument(
         "example_args", nargs="*", help="after --: more arguments for examples/rlhf.py fit (both paths)"
     )
     args = parser.parse_args(argv)
@@ -80,11 +93,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_example(args: argparse.Namespace, path: str, processes: int, workdir: Path) -> dict:
-    """One ``fit`` of the example; its per-step metrics (warm-up step dropped) and wall time."""
-    command = [sys.executable, str(EXAMPLE), "fit", *PATHS[path]]
+    """One ``fit`` of the example; its per-step metrics (warm-up step dropped) and wall time.
+
+    ``path="alternate"``: the fit of :func:`alternate_worker`, ``2 * steps`` steps, both paths' first left out.
+    """
+    if path == "alternate":
+        # A frozen copy for the plain path's steps; the shared path's steps use the adapter.
+        command = [sys.executable, str(Path(__file__).resolve()), ALTERNATE_WORKER, "fit", "--model.reference=copy"]
+        command += ["--trainer.use_distributed_sampler=false"]  # one process: its batch sampler stays as it is
+    else:
+        command = [sys.executable, str(EXAMPLE), "fit", *PATHS[path]]
+    steps = 2 * args.steps if path == "alternate" else args.steps
     if args.model == "tiny":
         command += ["--config", str(ROOT / "examples" / "configs" / "tiny.yaml")]
-    command += [f"--trainer.max_steps={args.steps}", f"--trainer.devices={processes}", "--model.num_samples=0"]
+    command += [f"--trainer.max_steps={steps}", f"--trainer.devices={processes}", "--model.num_samples=0"]
     command += ["--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={workdir}"]
     command += args.example_args
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
@@ -97,13 +119,16 @@ def run_example(args: argparse.Namespace, path: str, processes: int, workdir: Pa
     if proc.returncode != 0:
         raise RuntimeError(f"{path} x{processes} failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
     (metrics_csv,) = workdir.glob("*/version_*/metrics.csv")
-    steps: dict[int, dict[str, float]] = {}
+    by_step: dict[int, dict[str, float]] = {}
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):
             values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
-            steps.setdefault(int(row["step"]), {}).update(values)
-    measured = [m for s, m in sorted(steps.items()) if "hybrid_engine/step_s" in m][1:]
-    return {"path": path, "processes": processes, "wall_s": wall, "steps": measured}
+            by_step.setdefault(int(row["step"]), {}).update(values)
+    logged = [m for _, m in sorted(by_step.items()) if "hybrid_engine/step_s" in m]
+    if path != "alternate":
+        return {"path": path, "processes": processes, "wall_s": wall, "steps": logged[1:]}
+    both = {name: [m for m in logged if m["bench/shared"] == (name == "shared")][1:] for name in PATHS}
+    return {"path": path, "processes": processes, "wall_s": wall, "steps": both}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -141,6 +166,17 @@ def table(results: dict[int, dict[str, dict]]) -> str:
             f"| prompt positions reused per step | {plain['prompt positions reused per step']:.0f}"
             f" | {shared['prompt positions reused per step']:.0f} | |"
         )
+    return "\n".join(lines)
+
+
+def alternate_table(by_path: dict[str, dict]) -> str:
+    lines = ["| | plain | shared | plain / shared |", "| --- | --- | --- | --- |"]
+    for name in [*PHASES, "generated tokens/s"]:
+        a, b = by_path["plain"][name], by_path["shared"][name]
+        ratio = (b / a if name == "generated tokens/s" else a / b) if a and b else 0.0
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {ratio:.2f}x |")
+    reused = [by_path[path]["prompt positions reused per step"] for path in ("plain", "shared")]
+    lines.append(f"| prompt positions reused per step | {reused[0]:.0f} | {reused[1]:.0f} | |")
     return "\n".join(lines)
 
 
@@ -238,6 +274,61 @@ def _floor_step(rlhf, module, optimizer, batch, shared: bool) -> dict[str, float
     return times
 
 
+class _EachBatchTwice:
+    """A batch sampler: every batch of ``batches`` twice in a row, one step of each path on the same prompts."""
+
+    def __init__(self, batches) -> None:
+        self.batches = batches
+        self.batch_size = batches.batch_size  # read by Lightning's DeepSpeed strategy
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch
+            yield batch
+
+    def __len__(self) -> int:
+        return 2 * len(self.batches)
+
+
+def alternate_worker(cli_args: list[str]) -> None:
+    """The example's CLI and defaults, with each batch stepped by both paths (see the module docstring).
+
+    Steps ``2k`` and ``2k + 1`` share a batch; the plain path goes first in even pairs, the shared path in
+    odd ones. A step's path is logged as ``bench/shared``. One process: Lightning would not spread this
+    loader's batches over ranks.
+    """
+    import dataclasses
+
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import rlhf
+
+    class BothPaths(rlhf.GRPO):
+        def training_step(self, batch, batch_idx):
+            shared = batch_idx % 2 != (batch_idx // 2) % 2
+            self.hparams.share_prompts = shared
+            self.reference_mode = "adapter" if shared else "copy"
+            engine = self.trainer.strategy.model  # the strategy's setting, switched for this step's generation
+            engine.options = dataclasses.replace(engine.options, share_prompt_prefill=shared)
+            self.log("bench/shared", float(shared), batch_size=1)
+            return super().training_step(batch, batch_idx)
+
+    class BatchesTwice(rlhf.PromptData):
+        def train_dataloader(self) -> DataLoader:
+            batches = BatchSampler(RandomSampler(self.prompts), self.prompts_per_step, drop_last=False)
+            return DataLoader(self.prompts, batch_sampler=_EachBatchTwice(batches), collate_fn=list)
+
+    rlhf.keep_freed_memory()
+    LightningCLI(
+        BothPaths, BatchesTwice, trainer_defaults=rlhf.TRAINER_DEFAULTS, seed_everything_default=42, args=cli_args
+    )
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     runs: list[dict] = []
@@ -251,6 +342,14 @@ def main(argv=None) -> None:
                     run = run_example(args, path, processes, workdir)
                     print(f"{path} x{processes} (repeat {repeat}): {run['wall_s']:.0f} s", flush=True)
                     runs.append(run)
+        alternated = None
+        if args.alternate and 1 in args.processes:
+            workdir = Path(tmp) / "alternate"
+            workdir.mkdir()
+            run = run_example(args, "alternate", 1, workdir)
+            print(f"both paths in one fit x1: {run['wall_s']:.0f} s", flush=True)
+            runs.append(run)
+            alternated = {path: summarize([{"steps": run["steps"][path]}]) for path in PATHS}
     results = {
         p: {path: summarize([r for r in runs if r["processes"] == p and r["path"] == path]) for path in PATHS}
         for p in args.processes
@@ -269,6 +368,12 @@ def main(argv=None) -> None:
             f"{processes} process(es): whole step {step:.2f}x faster (target 1.8x), generation {generation:.2f}x"
             f" plain generate (target 1.2x), peak memory below the plain path's: {memory}"
         )
+    if alternated:
+        print(f"\nBoth paths in one fit, each batch stepped by both ({args.steps} steps per path, first left out):\n")
+        print(alternate_table(alternated))
+        step = alternated["plain"]["whole step"] / alternated["shared"]["whole step"]
+        generation = alternated["shared"]["generated tokens/s"] / alternated["plain"]["generated tokens/s"]
+        print(f"1 process, one fit: whole step {step:.2f}x faster (target 1.8x), generation {generation:.2f}x (1.2x)")
     floors = floor(args) if args.floor else None
     if floors:
         print(f"\nPlain PyTorch, in this process, both paths alternated ({args.steps} steps, first left out):\n")
@@ -279,10 +384,16 @@ def main(argv=None) -> None:
         ratio = floors["plain"]["whole step"] / floors["shared"]["whole step"]
         print(f"compute floor of the ratio: whole step {ratio:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {"header": header, "results": results, "runs": runs} | ({"floor": floors} if floors else {})
+    report = {"header": header, "results": results, "runs": runs}
+    report |= ({"alternated": alternated} if alternated else {}) | ({"floor": floors} if floors else {})
     args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
 
 
+ALTERNATE_WORKER = "--alternate-worker"  # this script, run by run_example as the alternating fit
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == [ALTERNATE_WORKER]:
+        alternate_worker(sys.argv[2:])
+    else:
+        main()

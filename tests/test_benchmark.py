@@ -89,8 +89,9 @@ def test_switch_breakdown_tiny():
 
 
 def test_rl_step_benchmark_tiny(tmp_path):
-    """benchmarks/rl_step.py: both paths of the example's step, every phase in the table and the JSON, and the
-    same step's plain-PyTorch floor (--floor)."""
+    """benchmarks/rl_step.py: both paths of the example's step, every phase in the table and the JSON, from
+    separate fits and from one fit that steps each batch by both paths, and the same step's plain-PyTorch floor
+    (--floor)."""
     out = tmp_path / "rl_step.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "rl_step.py"), "--model", "tiny", "--processes", "1"]
     cmd += ["--steps", "2", "--floor", "--json", str(out)]
@@ -106,6 +107,14 @@ def test_rl_step_benchmark_tiny(tmp_path):
     assert results["plain"]["prompt positions reused per step"] == 0
     assert results["shared"]["prompt positions reused per step"] > 0
     assert "| whole step |" in proc.stdout and "1 process(es): whole step" in proc.stdout
+    alternated = json.loads(out.read_text())["alternated"]  # each batch by both paths, in one fit
+    for path in ("plain", "shared"):
+        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
+            assert alternated[path][phase] > 0, (path, phase)
+        assert alternated[path]["measured steps"] == 1
+    assert alternated["plain"]["prompt positions reused per step"] == 0
+    assert alternated["shared"]["prompt positions reused per step"] > 0
+    assert "1 process, one fit: whole step" in proc.stdout
     floor = json.loads(out.read_text())["floor"]
     for path in ("plain", "shared"):
         for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
