@@ -88,6 +88,12 @@ def test_switch_breakdown_tiny():
     assert "greedy tokens equal in every context: yes" in output
 
 
+def assert_every_phase_timed(by_path: dict) -> None:
+    for path in ("plain", "shared"):
+        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
+            assert by_path[path][phase] > 0, (path, phase)
+
+
 def test_rl_step_benchmark_tiny(tmp_path):
     """benchmarks/rl_step.py: both paths of the example's step, every phase in the table and the JSON, from
     separate fits and from one fit that steps each batch by both paths, and the same step's plain-PyTorch floor
@@ -100,23 +106,19 @@ def test_rl_step_benchmark_tiny(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     results = json.loads(out.read_text())["results"]["1"]
+    assert_every_phase_timed(results)
     for path in ("plain", "shared"):
-        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
-            assert results[path][phase] > 0, (path, phase)
         assert results[path]["measured steps"] == 1
     assert results["plain"]["prompt positions reused per step"] == 0
     assert results["shared"]["prompt positions reused per step"] > 0
     assert "| whole step |" in proc.stdout and "1 process(es): whole step" in proc.stdout
     alternated = json.loads(out.read_text())["alternated"]  # each batch by both paths, in one fit
+    assert_every_phase_timed(alternated)
     for path in ("plain", "shared"):
-        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
-            assert alternated[path][phase] > 0, (path, phase)
         assert alternated[path]["measured steps"] == 1
     assert alternated["plain"]["prompt positions reused per step"] == 0
     assert alternated["shared"]["prompt positions reused per step"] > 0
     assert "1 process, one fit: whole step" in proc.stdout
     floor = json.loads(out.read_text())["floor"]
-    for path in ("plain", "shared"):
-        for phase in ("generate", "reference log-probs", "policy forward", "backward", "optimizer", "whole step"):
-            assert floor[path][phase] > 0, (path, phase)
+    assert_every_phase_timed(floor)
     assert "compute floor of the ratio: whole step" in proc.stdout
