@@ -23,7 +23,8 @@ import os
 
 # Before torch loads OpenMP: threads that spin-wait at every barrier collapse when another process
 # takes a core (measured here: generation 10x slower with 2 spinning threads on 2 shared cores).
-# Passive waiting costs next to nothing on an idle machine. The thread count is Lightning's:
+# Passive waiting costs one process with idle cores 5-25% (examples/README.md, "Threads"): set
+# OMP_WAIT_POLICY=ACTIVE on a machine of your own. The thread count is Lightning's:
 # cores // processes, or OMP_NUM_THREADS when set.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
