@@ -317,7 +317,7 @@ def alternate_worker(cli_args: list[str]) -> None:
             self.hparams.share_prompts = shared
             self.reference_mode = "adapter" if shared else "copy"
             engine = self.trainer.strategy.model  # the strategy's setting, switched for this step's generation
-            engine.options = dataclasses.replace(engine.options, share_prompt_prefill=shared)
+            engine.settings = dataclasses.replace(engine.settings, share_prompt_prefill=shared)
             self.log("bench/shared", float(shared), batch_size=1)
             return super().training_step(batch, batch_idx)
 

@@ -15,7 +15,6 @@ policy for. This subclass keeps everything else of it (rank-synced RNG, ``Z3_ena
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from deepspeed import comm as dist
@@ -32,22 +31,7 @@ from .tensor_parallel import TensorParallelGather
 from .workspace import InferenceWorkspace
 from .zero3_leaves import keep_leaf_gradients, mark_leaves
 
-__all__ = ["EngineOptions", "HybridEngine", "resolve_generation_module", "select_backend"]
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What the strategy tells the engine beyond DeepSpeed's config."""
-
-    generation_path: str
-    backend: str  # "torch" (portable) or "deepspeed" (kernel containers), as select_backend picked
-    cache_frozen_weights: bool = False
-    oom_split_min_batch: int = 1  # out of memory: halve the batch down to this many rows
-    requested_backend: str = "auto"  # what the user asked for: decides fallback ("auto") or raise
-    kernel_check_interval: int = 100  # parity guard: check the first kernel generation and every N-th (0: never)
-    kv_cache: str = "dynamic"  # the portable path's KV cache: "dynamic" (transformers' default) or "static"
-    share_prompt_prefill: bool = True  # rows repeating a prompt prefill it once and share its KV cache
-    zero3_leaf_modules: str | tuple[str, ...] | list[str] | None = None  # see zero3_leaves.py
+__all__ = ["HybridEngine", "resolve_generation_module", "select_backend"]
 
 
 def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
@@ -90,10 +74,19 @@ def resolve_generation_module(root: nn.Module, path: str | None) -> tuple[str, n
 class HybridEngine(DeepSpeedHybridEngine):
     """``DeepSpeedHybridEngine`` whose inference path is chosen by the strategy."""
 
-    def __init__(self, args, model: nn.Module, *, options: EngineOptions, **kwargs) -> None:
+    def __init__(
+        self,
+        args,
+        model: nn.Module,
+        *,
+        settings: HybridEngineSettings,
+        backend: str,
+        generation_path: str | None,
+        **kwargs,
+    ) -> None:
         # DeepSpeedHybridEngine.__init__ minus what only kernel containers need: its
         # WorkspaceOp() would JIT-compile DeepSpeed's CUDA inference ops for nothing.
-        mark_leaves(model, options.zero3_leaf_modules)  # read by ZeRO-3 as it hooks the modules
+        mark_leaves(model, settings.zero3_leaf_modules)  # read by ZeRO-3 as it hooks the modules
         DeepSpeedEngine.__init__(self, args, model, **kwargs)
         if self._config.zero_config.stage == 3:
             keep_leaf_gradients(model)
@@ -101,47 +94,42 @@ class HybridEngine(DeepSpeedHybridEngine):
         synced = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
         dist.broadcast(synced, 0)
         get_accelerator().set_rng_state(synced.cpu())
+        self.settings = settings  # the strategy's own object: the one source of every setting
+        self.backend = backend  # "torch" (portable) or "deepspeed" (kernel containers), as select_backend picked
         self.Z3_enabled = self._config.zero_config.stage == 3
-        self.gather_all_layers = self._config.hybrid_engine.pin_parameters
-        self.options = options
+        self.gather_all_layers = settings.pin_parameters  # DeepSpeedHybridEngine's name for it
         self._inference_containers, self._orig_modules, self._orig_fwds = [], [], []
-        self.create_inference_module()
+        self.create_inference_module(generation_path)
         self.is_lora_fused = False
         self._decode_graphs = None
-        self.settings = HybridEngineSettings(
-            **{k: getattr(self._config.hybrid_engine, k) for k in HybridEngineSettings.__dataclass_fields__}
-        )
         self.in_inference = False
-        self.kv_workspace = InferenceWorkspace(
-            self.settings.max_out_tokens, self.settings.release_inference_cache, static=options.kv_cache == "static"
-        )
-        self.frozen_cache = FrozenWeightCache() if options.cache_frozen_weights else None
+        self.kv_workspace = InferenceWorkspace(settings.max_out_tokens, settings.release_inference_cache)
+        self.frozen_cache = FrozenWeightCache() if settings.cache_frozen_weights else None
         self.generation_rng = self._seed_generation_rng()
         self.said: set[str] = set()  # one-time notices already given (e.g. why prompts could not be shared)
 
     # -- construction ------------------------------------------------------------------
-    def create_inference_module(self) -> None:
+    def create_inference_module(self, generation_path: str | None = None) -> None:
         """DeepSpeed's hook for building inference containers; the portable path builds none."""
         self.layer_params, self.layer_lora_params, self.lora_params, self.all_lora_params = [], [], [], []
         self._other_layers, self._orig_modules_others, self._orig_fwds_others = [], [], []
         self.mp_group, self.mp_replace = None, None
         self.inference_policies = {}
         self.all_layers_params = list(self.module.parameters())
-        _, generation_module = resolve_generation_module(self.module, self.options.generation_path)
+        _, generation_module = resolve_generation_module(self.module, generation_path)
         # Not a registered submodule: it already is one, inside the LightningModule.
         self.__dict__["generation_module"] = generation_module
         self.kernels: KernelRouting | None = None
-        if self.options.backend == KERNEL_BACKEND:
+        if self.backend == KERNEL_BACKEND:
             # Containers for the generation module only; reference/reward models stay as they are.
-            hybrid = self._config.hybrid_engine
             path = KernelPath(
                 generation_module,
-                max_out_tokens=hybrid.max_out_tokens,
-                release_inference_cache=hybrid.release_inference_cache,
-                transform_per_forward=self.Z3_enabled and not self.gather_all_layers,
+                max_out_tokens=self.settings.max_out_tokens,
+                release_inference_cache=self.settings.release_inference_cache,
+                transform_per_forward=self.Z3_enabled and not self.settings.pin_parameters,
             )
-            on_mismatch = "raise" if self.options.requested_backend == KERNEL_BACKEND else "fallback"
-            self.kernels = KernelRouting(path, ParityGuard(self.options.kernel_check_interval), on_mismatch)
+            on_mismatch = "raise" if self.settings.inference_backend == KERNEL_BACKEND else "fallback"
+            self.kernels = KernelRouting(path, ParityGuard(self.settings.kernel_check_interval), on_mismatch)
 
     def _seed_generation_rng(self) -> dict[str, torch.Tensor]:
         """A sampling RNG stream of its own, so generation never shifts the training RNG stream.
@@ -179,10 +167,10 @@ class HybridEngine(DeepSpeedHybridEngine):
         module = self.generation_module
         if not self.Z3_enabled:
             return NoGather(module)
-        if self.settings.inference_tp_size > 1:
+        if self.settings.reslices_for_inference:
             return TensorParallelGather(
                 module, self, self.settings.inference_tp_size, self.settings.tp_gather_partition_size
             )
-        if self.gather_all_layers:
+        if self.settings.pin_parameters:
             return PinnedGather(module, self, self.frozen_cache, trainable)
         return LayerwiseGather(module, self, self.settings.tp_gather_partition_size)

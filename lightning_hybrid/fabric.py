@@ -49,7 +49,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
 
     # -- launcher and environment --------------------------------------------------------
     def _configure_launcher(self) -> None:
-        if self.mpu is not None or self.training_tp_size > 1:  # at Fabric(...), before any process
+        if self.mpu is not None or self.settings.training_tp_size > 1:  # at Fabric(...), before any process
             raise ValueError(
                 "`training_tp_size > 1` and `mpu` are not supported by the Fabric strategy yet (untested under"
                 " Fabric). Use the Trainer's lightning_hybrid.HybridEngineStrategy for tensor-parallel training."

@@ -23,7 +23,6 @@ right before it is released (see ``lora.py``).
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from .lora import LoraFusion, lora_modules
+from .metrics import Stopwatch
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -47,9 +47,16 @@ _HOOK_DICTS = (
 
 
 def _timed(fn, *args) -> float:
-    start = time.perf_counter()
+    """Seconds ``fn(*args)`` takes, with the GPU's queued work (all-gathers, fuse matmuls) included."""
+    watch = Stopwatch(_active_cuda_device())
     fn(*args)
-    return time.perf_counter() - start
+    return watch.lap()
+
+
+def _active_cuda_device() -> torch.device | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:

@@ -17,60 +17,109 @@ at any point unwinds exactly what was done, in reverse):
 
 from __future__ import annotations
 
-import functools
+import copy
+import gc
+import inspect
+import traceback
 import warnings
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig, GenerationMixin
 
 from .decode_linear import decode_linear
 from .engine import HybridEngine
 from .gather import native_linear
+from .hf import base_model, say_once
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
 from .model_parallel import check_same_request, tensor_parallel_group
-from .prefix_cache import PromptGroups, prefill, why_not_shareable
+from .prefix_cache import PromptGroups, prefill, sharing_refusal
 from .workspace import CACHE_KWARGS, cache_kwarg
 
-
-def _generation_config(module: nn.Module, kwargs: dict[str, Any]):
-    return kwargs.get("generation_config") or getattr(module, "generation_config", None)
-
-
-def _setting(module: nn.Module, kwargs: dict[str, Any], name: str, default: Any = None) -> Any:
-    if name in kwargs and kwargs[name] is not None:
-        return kwargs[name]
-    return getattr(_generation_config(module, kwargs), name, default)
+# ``generate``'s own parameters: everything else a call passes is a generation setting or a model input.
+_GENERATE_PARAMETERS = frozenset(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
 
 
-def _eos_ids(module: nn.Module, kwargs: dict[str, Any]) -> list[int]:
-    eos = _setting(module, kwargs, "eos_token_id")
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+@dataclass
+class GenerateCall:
+    """One ``generate`` call, normalised once: every argument by name, the settings transformers will use."""
+
+    kwargs: dict[str, Any]  # what ``generate`` is called with: the prompt as ``input_ids`` (or ``inputs_embeds``)
+    config: GenerationConfig  # the model's defaults, the call's ``generation_config`` and overrides, validated
+    prompt: torch.Tensor  # (batch, length) as the caller passed it (embeddings seen through their first channel)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.config.eos_token_id
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    @property
+    def pad_id(self) -> int:
+        """The token transformers pads finished rows with: pad_token_id, else the (first) EOS, else 0."""
+        if self.config.pad_token_id is not None:
+            return int(self.config.pad_token_id)
+        return self.eos_ids[0] if self.eos_ids else 0
 
 
-def _pad_id(module: nn.Module, kwargs: dict[str, Any]) -> int:
-    """The token transformers pads finished rows with: pad_token_id, else the (first) EOS, else 0."""
-    pad = _setting(module, kwargs, "pad_token_id")
-    if pad is not None:
-        return int(pad)
-    eos = _eos_ids(module, kwargs)
-    return eos[0] if eos else 0
+def resolve_generation_config(module: nn.Module, kwargs: dict[str, Any]) -> GenerationConfig:
+    """The generation config transformers itself builds for this call, validated as ``generate`` validates it.
+
+    The model's ``generation_config``, the call's ``generation_config`` and its keyword overrides merged by
+    transformers' own code, so what it refuses (e.g. greedy ``num_return_sequences > 1``) is refused here the same
+    way, before any work, and every decision below reads the settings the call will really run with.
+    """
+    base = base_model(module)
+    overrides = {k: v for k, v in kwargs.items() if k not in _GENERATE_PARAMETERS and k != "trust_remote_code"}
+    config, _ = base._prepare_generation_config(kwargs.get("generation_config"), **overrides)
+    return config
 
 
-def _prompt(args: tuple, kwargs: dict[str, Any]) -> Any:
-    """The (batch, length) prompt of a ``generate`` call: ids, or embeddings seen through their first channel."""
-    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+def with_settings(kwargs: dict[str, Any], **settings: Any) -> None:
+    """Set generation settings on a call, where transformers reads them without a warning.
+
+    A call that passes a ``generation_config`` gets an edited copy of it (keywords beside a config are
+    deprecated in transformers); otherwise the settings go in as keywords.
+    """
+    if isinstance(kwargs.get("generation_config"), GenerationConfig):
+        config = copy.deepcopy(kwargs["generation_config"])
+        for name, value in settings.items():
+            setattr(config, name, value)
+        kwargs["generation_config"] = config
+        for name in settings:
+            kwargs.pop(name, None)
+    else:
+        kwargs.update(settings)
+
+
+def prepare_call(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: dict[str, Any]) -> GenerateCall:
+    """Validates a ``generate`` call before any work and normalises it (see ``GenerateCall``).
+
+    Positional arguments become keywords (by ``generate``'s signature). Rows that ``num_return_sequences``
+    would repeat when sampling are repeated here, as transformers would (``repeat_interleave``), so every path
+    below (prompt sharing, out-of-memory halves, tensor-parallel pooling) sees one row per sequence.
+    """
+    kwargs = dict(kwargs)
+    if args:
+        base = base_model(module)  # the class's generate: the instance's is this context's wrapper
+        bound = inspect.signature(type(base).generate).bind_partial(base, *args).arguments
+        for name, value in list(bound.items())[1:]:
+            name = "input_ids" if name == "inputs" else name
+            if name in kwargs:
+                raise TypeError(f"generate() got `{name}` both by position and by keyword. Pass it once.")
+            kwargs[name] = value
+    if "inputs" in kwargs:
+        if "input_ids" in kwargs:
+            raise TypeError("generate() got both `inputs` and `input_ids`. Pass the prompt once.")
+        kwargs["input_ids"] = kwargs.pop("inputs")
+    prompt = kwargs.get("input_ids")
     if prompt is None and isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
         prompt = kwargs["inputs_embeds"][..., 0]
-    return prompt
-
-
-def check_generate_request(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
-    """Validates a ``generate`` call before any work; returns (prompt ids, new-token budget)."""
-    prompt = _prompt(args, kwargs)
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
         raise ValueError(
             "generate() needs `input_ids` as a 2-D (batch, length) tensor, got"
@@ -78,10 +127,9 @@ def check_generate_request(module: nn.Module, max_out_tokens: int, args: tuple, 
         )
     if prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"generate() got an empty batch (input_ids of shape {tuple(prompt.shape)}): nothing to do.")
+    config = resolve_generation_config(module, kwargs)
     prompt_len = prompt.shape[1]
-    max_new = _setting(module, kwargs, "max_new_tokens")
-    if max_new is None:
-        max_new = _setting(module, kwargs, "max_length", 20) - prompt_len
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     if max_new < 1:
         raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new}. Ask for at least one new token.")
     if prompt_len + max_new > max_out_tokens:
@@ -90,7 +138,15 @@ def check_generate_request(module: nn.Module, max_out_tokens: int, args: tuple, 
             f" `max_out_tokens={max_out_tokens}`, the size of the inference workspace. Raise"
             f" HybridEngineStrategy(max_out_tokens=...) to at least {prompt_len + max_new}, or shorten the request."
         )
-    return prompt, max_new
+    copies = config.num_return_sequences or 1
+    only_prompt = all(k in ("input_ids", "attention_mask") for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    if copies > 1 and (config.num_beams or 1) == 1 and "input_ids" in kwargs and only_prompt:
+        kwargs["input_ids"] = kwargs["input_ids"].repeat_interleave(copies, 0)
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+            kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(copies, 0)
+        with_settings(kwargs, num_return_sequences=1)
+        config.num_return_sequences = 1
+    return GenerateCall(kwargs, config, prompt)
 
 
 def _split_rows(kwargs: dict[str, Any], rows: int) -> list[dict[str, Any]]:
@@ -105,6 +161,13 @@ def _split_rows(kwargs: dict[str, Any], rows: int) -> list[dict[str, Any]]:
     return parts
 
 
+def free_accelerator_memory() -> None:
+    """What an out-of-memory retry needs first: unreachable tensors collected, the allocator's cache returned."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class GenerationContext:
     """One ``with strategy.generation() as actor:`` block. See the module docstring."""
 
@@ -112,7 +175,8 @@ class GenerationContext:
         self.engine = engine
         self.module = engine.generation_module
         self.world_size = world_size
-        self.stats = GenerationStats(backend=engine.options.backend)
+        self.settings = engine.settings
+        self.stats = GenerationStats(backend=engine.backend)
         self.tp_group = tensor_parallel_group(engine)  # an actor trained tensor-parallel: its group
         self._stack = ExitStack()
 
@@ -175,7 +239,7 @@ class GenerationContext:
             torch.cuda.set_rng_state(engine.generation_rng["cuda"], engine.device)
 
     def _materialize(self) -> None:
-        watch = Stopwatch()
+        watch = Stopwatch(self.engine.device)
         self.materializer = self.engine.materializer(self.trainable)
         self._stack.enter_context(self.materializer)
         entered = watch.lap()
@@ -202,122 +266,120 @@ class GenerationContext:
 
     # -- generating --------------------------------------------------------------------
     def _generate(self, *args: Any, **kwargs: Any):
-        engine = self.engine
-        prompt, _ = check_generate_request(self.module, engine.settings.max_out_tokens, args, kwargs)
+        """``actor.generate`` inside the context: normalise, then generate (pooled across a tensor-parallel group,
+        or in halves after running out of memory), counting time and tokens."""
+        call = prepare_call(self.module, self.engine.settings.max_out_tokens, args, kwargs)
         if self.tp_group is not None:
-            check_same_request(self.tp_group, prompt, kwargs)
+            check_same_request(self.tp_group, call.prompt, call.kwargs)
         if self.materializer.collectives_per_forward and self.world_size > 1:
-            if kwargs.get("synced_gpus") is False:
+            if call.kwargs.get("synced_gpus") is False:
                 raise ValueError(
                     "synced_gpus=False would hang: with pin_parameters=False every forward gathers weights from all"
                     " ranks, so ranks that finish early must keep stepping. Leave synced_gpus unset."
                 )
-            kwargs["synced_gpus"] = True
-        watch = Stopwatch()
+            call.kwargs["synced_gpus"] = True
+        watch = Stopwatch(self.engine.device)
         try:
             if getattr(self.materializer, "pools_ranks", False):
-                output = self._generate_pooled(args, kwargs)
+                output = self._generate_pooled(call)
             else:
-                output = self._generate_rows(args, kwargs)
+                output = self._generate_with_backoff(call, call.kwargs)
         finally:
             self.stats.generate_s += watch.lap()
             self.peak.sample()
-            engine.kv_workspace.after_generation()
+            self.engine.kv_workspace.after_generation()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        rows = sequences.shape[0]
         self.stats.calls += 1
-        self.stats.prompt_tokens += prompt.numel()
-        self.stats.new_tokens += rows * (sequences.shape[1] - prompt.shape[1])
+        self.stats.prompt_tokens += call.prompt.numel()
+        self.stats.new_tokens += sequences.shape[0] * (sequences.shape[1] - call.prompt.shape[1])
         return output
 
-    def _generate_rows(self, args: tuple, kwargs: dict[str, Any]):
-        """Generate; on out-of-memory, free the workspace and retry each half of the batch."""
-        if args:
-            kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
-        prompt = _prompt(args, kwargs)
-        own_cache = any(kwargs.get(k) is not None for k in CACHE_KWARGS)
-        attempt = dict(kwargs)
-        try:
-            return self._generate_once(args, attempt, prompt)
-        except torch.OutOfMemoryError as error:
-            rows, floor = prompt.shape[0], self.engine.options.oom_split_min_batch
-            attempt.clear()
-            self.engine.kv_workspace.release()
-            why = None
-            if rows // 2 < floor:
-                why = f"the batch of {rows} cannot be halved without going under oom_split_min_batch={floor}"
-            elif self.materializer.collectives_per_forward and self.world_size > 1:
-                why = "with pin_parameters=False ranks gather weights together, so one rank cannot retry alone"
-            elif own_cache or args:
-                why = "the call passes its own cache or positional arguments, which cannot be split"
-            if why:
-                raise RuntimeError(
-                    f"Out of memory generating {rows} sequences, and {why}. Lower the batch, max_new_tokens or"
-                    " max_out_tokens, or set pin_parameters=False to gather fewer weights at once."
-                ) from error
-            self.stats.oom_splits += 1
-            warnings.warn(f"Out of memory generating {rows} sequences: retrying in two halves.", stacklevel=4)
-            halves = [self._generate_rows((), part) for part in _split_rows(kwargs, rows)]
-            if not all(isinstance(h, torch.Tensor) for h in halves):
-                raise RuntimeError(
-                    "Out of memory with return_dict_in_generate=True: split outputs cannot be merged. Lower the batch."
-                ) from error
-            pad = _pad_id(self.module, kwargs)
-            width = max(h.shape[1] for h in halves)
-            return torch.cat([torch.nn.functional.pad(h, (0, width - h.shape[1]), value=pad) for h in halves])
+    def _generate_with_backoff(self, call: GenerateCall, kwargs: dict[str, Any]):
+        """Generate; on out-of-memory, free what the failed attempt held, then retry each half of the batch.
 
-    def _generate_pooled(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        The retry runs after the ``except`` block, with the failed attempt's frames cleared: inside it, the
+        traceback would still hold that attempt's KV cache and logits, and the retry would run out again.
+        """
+        try:
+            return self._generate_once(call, dict(kwargs))
+        except torch.OutOfMemoryError as error:
+            failure = error
+            traceback.clear_frames(error.__traceback__)  # the attempt's locals (its cache, logits) go now
+        self.engine.kv_workspace.release()
+        free_accelerator_memory()
+        rows, floor = kwargs["input_ids"].shape[0] if "input_ids" in kwargs else 0, self.settings.oom_split_min_batch
+        why = None
+        if rows // 2 < max(floor, 1):
+            why = f"the batch of {rows} cannot be halved without going under oom_split_min_batch={floor}"
+        elif self.materializer.collectives_per_forward and self.world_size > 1:
+            why = "with pin_parameters=False ranks gather weights together, so one rank cannot retry alone"
+        elif any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+            why = "the call passes its own cache, which cannot be split"
+        if why:
+            raise RuntimeError(
+                f"Out of memory generating {rows} sequences, and {why}. Lower the batch, max_new_tokens or"
+                " max_out_tokens, or set pin_parameters=False to gather fewer weights at once."
+            ) from failure
+        self.stats.oom_splits += 1
+        warnings.warn(f"Out of memory generating {rows} sequences: retrying in two halves.", stacklevel=4)
+        halves = [self._generate_with_backoff(call, part) for part in _split_rows(kwargs, rows)]
+        if not all(isinstance(h, torch.Tensor) for h in halves):
+            raise RuntimeError(
+                "Out of memory with return_dict_in_generate=True: split outputs cannot be merged. Lower the batch."
+            ) from failure
+        width = max(h.shape[1] for h in halves)
+        return torch.cat([F.pad(h, (0, width - h.shape[1]), value=call.pad_id) for h in halves])
+
+    def _generate_pooled(self, call: GenerateCall) -> torch.Tensor:
         """Tensor parallel: the group's prompts generate as one batch (see ``tensor_parallel.py``)."""
-        if len(args) > 1:
-            raise ValueError("With inference_tp_size > 1, pass generate() the prompt, then keywords only.")
-        if args:
-            kwargs = {**kwargs, "input_ids": args[0]}
-        pad, eos_ids = _pad_id(self.module, kwargs), _eos_ids(self.module, kwargs)
+        if (call.config.num_return_sequences or 1) > 1:
+            raise ValueError(
+                "With inference_tp_size > 1, beam search with num_return_sequences > 1 cannot be pooled across the"
+                " group. Set num_return_sequences=1, or inference_tp_size=1."
+            )
 
         def generate(**pooled: Any) -> torch.Tensor:
-            self._attach_workspace(pooled["input_ids"], pooled)
-            self._share_prompts(pooled, ranks_agree=False)  # the group generates this one pooled batch
+            self._attach_workspace(pooled, call.config)
+            self._share_prompts(pooled, call.config, ranks_agree=False)  # the group generates this pooled batch
             return self._original_generate(**pooled)
 
-        return self.materializer.generate(generate, kwargs, pad, eos_ids)
+        return self.materializer.generate(generate, call.kwargs, call.pad_id, call.eos_ids)
 
-    def _generate_once(self, args: tuple, kwargs: dict[str, Any], prompt: torch.Tensor):
+    def _generate_once(self, call: GenerateCall, kwargs: dict[str, Any]):
         """One ``generate`` call: through DeepSpeed's kernels where they are on (and pass the guard), else portable."""
-        generate = functools.partial(self._original_generate, *args)
         routing = self.engine.kernels
         if routing is not None and routing.enabled:
             # No StaticCache here: the kernels keep their KV cache in DeepSpeed's own workspace.
             dtype = next(self.module.parameters()).dtype
-            output = routing.generate(generate, kwargs, self.stats, dtype)
+            output = routing.generate(self._original_generate, kwargs, self.stats, dtype)
             if output is not None:
                 self.stats.backend = KERNEL_BACKEND
                 return output
         self.stats.backend = PORTABLE_BACKEND
-        self._attach_workspace(prompt, kwargs)
-        if not args:
-            # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
-            self._share_prompts(kwargs, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1)
-        return generate(**kwargs)
+        self._attach_workspace(kwargs, call.config)
+        # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
+        self._share_prompts(
+            kwargs, call.config, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1
+        )
+        return self._original_generate(**kwargs)
 
-    def _share_prompts(self, kwargs: dict[str, Any], ranks_agree: bool) -> None:
+    def _share_prompts(self, kwargs: dict[str, Any], config: GenerationConfig, ranks_agree: bool) -> None:
         """Rows repeating a prompt: prefill each distinct prompt once and hand ``generate`` the expanded cache.
 
-        Edits ``kwargs`` in place (the cache; ``num_return_sequences`` rows made explicit). A call this
-        cannot serve generates as it came, counted in ``stats.prompt_sharing_skipped`` and said once.
+        Edits ``kwargs`` in place (the cache, the mask). A call this cannot serve generates as it came, counted
+        in ``stats.prompt_sharing_skipped`` and said once.
         """
-        if not self.engine.options.share_prompt_prefill:
+        if not self.settings.share_prompt_prefill:
             return
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return  # embeddings: nothing to compare rows by
         mask = kwargs.get("attention_mask")
-        beams = _setting(self.module, kwargs, "num_beams", 1) or 1
-        copies = 1 if beams > 1 else _setting(self.module, kwargs, "num_return_sequences", 1) or 1
-        reason = self._why_not_shared(kwargs, ids, mask)
+        reason = sharing_refusal(self.module, config, kwargs, static_workspace=self.settings.kv_cache == "static")
         if mask is None:
             mask = torch.ones_like(ids)  # no pad token among the ids (else `reason` says so): what generate infers
         groups = PromptGroups.of(ids, mask)
-        repeats = groups.repeats or copies > 1
+        repeats = groups.repeats
         if ranks_agree:
             votes = torch.tensor([reason is None, not repeats], dtype=torch.int32, device=self.engine.device)
             torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MIN)
@@ -328,67 +390,40 @@ class GenerationContext:
             return
         if reason is not None:
             self.stats.prompt_sharing_skipped += 1
-            if reason not in self.engine.said:
-                self.engine.said.add(reason)
-                warnings.warn(
-                    f"Rows of a generate() call repeat a prompt, but it is computed for every row: {reason}."
-                    " (Counted in generation_stats.prompt_sharing_skipped; said once.)",
-                    stacklevel=5,
-                )
+            say_once(
+                self.engine.said,
+                f"Rows of a generate() call repeat a prompt, but it is computed for every row: {reason}."
+                " (Counted in generation_stats.prompt_sharing_skipped; said once.)",
+                stacklevel=5,
+            )
             return
-        if copies > 1:  # what generate would expand to, made explicit so the cache has one entry per row
-            ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
-            kwargs.update(input_ids=ids, num_return_sequences=1)
-            groups = PromptGroups.of(ids, mask)
         kwargs["attention_mask"] = mask
         # Everything but the last token: generate needs at least one uncached position to start from.
         kwargs[cache_kwarg(self.module)], _ = prefill(self.module, ids[:, :-1], mask[:, :-1], groups)
         self.stats.prompt_tokens_reused += (groups.rows - groups.distinct) * (ids.shape[1] - 1)
 
-    def _why_not_shared(self, kwargs: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor | None) -> str | None:
-        if any(kwargs.get(k) is not None for k in CACHE_KWARGS):
-            if self.engine.kv_workspace.static:
-                return "kv_cache='static' preallocates the cache per row (use kv_cache='dynamic' to share prompts)"
-            return "the call passes its own cache"
-        if kwargs.get("cache_implementation") is not None:
-            return "the call sets cache_implementation"
-        if (_setting(self.module, kwargs, "num_beams", 1) or 1) > 1:
-            return "beam search"
-        if kwargs.get("assistant_model") is not None or _setting(self.module, kwargs, "prompt_lookup_num_tokens"):
-            return "assisted generation"
-        if _setting(self.module, kwargs, "output_attentions") or _setting(self.module, kwargs, "output_hidden_states"):
-            return "output_attentions/output_hidden_states report the whole prompt's first step"
-        extra = [
-            k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")
-        ]
-        if extra:
-            return f"tensor arguments {extra} besides input_ids and attention_mask"
-        if ids.shape[1] < 2:
-            return "a one-token prompt leaves nothing to cache"
-        if mask is None:
-            pad = _setting(self.module, kwargs, "pad_token_id")
-            if pad is not None and bool((ids == pad).any()):
-                return "no attention_mask was passed and the prompts hold pad tokens"
-        return why_not_shareable(self.module)
-
-    def _attach_workspace(self, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def _attach_workspace(self, kwargs: dict[str, Any], config: GenerationConfig) -> None:
         workspace = self.engine.kv_workspace
-        if not workspace.static:
-            return  # transformers' dynamic cache
-        if any(kwargs.get(k) is not None for k in (*CACHE_KWARGS, "cache_implementation")):
+        if self.settings.kv_cache != "static" or config.use_cache is False:
+            return  # transformers' dynamic cache, or none at all
+        if any(kwargs.get(k) is not None for k in CACHE_KWARGS) or config.cache_implementation is not None:
             return  # the caller manages its own cache
         if kwargs.get("assistant_model") is not None or not workspace.supports(self.module):
             return
-        num_beams = _setting(self.module, kwargs, "num_beams", 1) or 1
-        num_return = _setting(self.module, kwargs, "num_return_sequences", 1) or 1
-        rows = prompt.shape[0] * (num_beams if num_beams > 1 else num_return)
+        prompt = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        rows = prompt.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
         dtype = next(self.module.parameters()).dtype
         kwargs[cache_kwarg(self.module)] = workspace.acquire(self.module, rows, dtype, prompt.device)
+        if config.compile_config is None and not config.disable_compile:
+            # transformers compiles the decode step (CUDA graphs) whenever a StaticCache is on a GPU; each context
+            # gathers and fuses into new tensors, so graphs would be re-recorded every context. A user's
+            # compile_config says they want it anyway.
+            with_settings(kwargs, disable_compile=True)
         self.stats.workspace_bytes = workspace.nbytes
 
     # -- leaving -----------------------------------------------------------------------
     def __exit__(self, *exc) -> None:
-        watch = Stopwatch()
+        watch = Stopwatch(self.engine.device)
         self.stats.workspace_bytes = max(self.stats.workspace_bytes, self.engine.kv_workspace.nbytes)
         self._stack.__exit__(*exc)  # each undo sees the exception, if any (tensor parallelism tells its group)
         self.stats.release_s = watch.lap()

@@ -54,29 +54,46 @@ class GenerationStats:
 
 
 class PeakMemory:
-    """Peak memory over a span: the CUDA allocator's, or RSS sampled at checkpoints on CPU."""
+    """Peak memory over a span: the CUDA allocator's, or RSS sampled at checkpoints on CPU.
+
+    CUDA's peak counter is process-wide and others read it (the user, ``DeviceStatsMonitor``), so it
+    is never reset here: the span's peak is the counter where it rose during the span, else the
+    largest allocation sampled at the checkpoints (the true peak then lies below the earlier one).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.peak = 0
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
         self.device = device
+        self.peak = 0
+        self._peak_before = torch.cuda.max_memory_allocated(device) if self.cuda else 0
         self.sample()
 
     def sample(self) -> int:
         if self.cuda:
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            counter = torch.cuda.max_memory_allocated(self.device)
+            now = counter if counter > self._peak_before else torch.cuda.memory_allocated(self.device)
+            self.peak = max(self.peak, now)
         else:
             self.peak = max(self.peak, psutil.Process().memory_info().rss)
         return self.peak
 
 
 class Stopwatch:
-    def __init__(self) -> None:
+    """Wall time between laps. On CUDA each lap first waits for the device: kernels and collectives
+    return before they finish, and their time would land in whatever is timed next."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.cuda = device is not None and device.type == "cuda"
+        self.device = device
+        self._sync()
         self.t0 = time.perf_counter()
 
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
     def lap(self) -> float:
+        self._sync()
         now = time.perf_counter()
         elapsed, self.t0 = now - self.t0, now
         return elapsed

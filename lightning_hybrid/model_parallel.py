@@ -83,18 +83,12 @@ def resolve_training_tp(config: dict[str, Any], training_tp_size: int | None, mp
     return size
 
 
-def check_inference_tp(inference_tp_size: int, training_tp_size: int, mpu: Any | None) -> None:
-    """With a tensor-parallel actor, generation uses its training layout: 1 or the training size only."""
+def check_inference_tp(inference_tp_size: int, mpu: Any | None) -> None:
+    """An actor sliced by the user's mpu generates in that layout (AutoTP's sizes are checked by the settings)."""
     if mpu is not None and inference_tp_size > 1:
         raise ValueError(
             f"`inference_tp_size={inference_tp_size}` with an `mpu`: the actor is already sliced by your mpu and"
             " generates in that layout. Use inference_tp_size=1."
-        )
-    if training_tp_size > 1 and inference_tp_size not in (1, training_tp_size):
-        raise ValueError(
-            f"`inference_tp_size={inference_tp_size}` conflicts with training_tp_size={training_tp_size}: a"
-            " tensor-parallel actor generates with its training layout. Use inference_tp_size=1 or"
-            f" inference_tp_size={training_tp_size}."
         )
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
-from .workspace import cache_kwarg
+from .hf import base_model
+from .workspace import CACHE_KWARGS, cache_kwarg
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def why_not_shareable(model: nn.Module) -> str | None:
     """Why ``model``'s prompts cannot be cached and shared, or None when they can."""
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return f"{type(base).__name__} is not a decoder-only transformers model"
@@ -80,8 +82,47 @@ def why_not_shareable(model: nn.Module) -> str | None:
     return None
 
 
+def sharing_refusal(
+    model: nn.Module, config: GenerationConfig, kwargs: dict[str, Any], *, static_workspace: bool
+) -> str | None:
+    """Why the rows of one ``generate`` call cannot share a prefill of their prompts, or None when they can.
+
+    ``config`` is the generation config transformers resolves for the call (``generation.prepare_call``), so
+    a setting that reaches ``generate`` by any route (keyword, a ``GenerationConfig``, the model's defaults)
+    counts. Sharing hands ``generate`` a cache already holding the prompt: anything that would not use that
+    cache exactly as its own (no cache at all, another cache type, a search over several beams, a call that
+    reports the prompt's own step) refuses.
+    """
+    if any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+        if static_workspace:
+            return "kv_cache='static' preallocates the cache per row (use kv_cache='dynamic' to share prompts)"
+        return "the call passes its own cache"
+    if config.use_cache is False:
+        return "use_cache=False makes generate recompute the whole sequence at every step, with no cache to share"
+    if config.cache_implementation is not None:
+        return f"the call asks for cache_implementation={config.cache_implementation!r}"
+    if (config.num_beams or 1) > 1:
+        return "beam search"
+    if kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens:
+        return "assisted generation"
+    if kwargs.get("custom_generate") is not None:
+        return "custom_generate runs its own decoding loop"
+    if config.output_attentions or config.output_hidden_states:
+        return "output_attentions/output_hidden_states report the whole prompt's first step"
+    extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")]
+    if extra:
+        return f"tensor arguments {extra} besides input_ids and attention_mask"
+    ids = kwargs["input_ids"]
+    if ids.shape[1] < 2:
+        return "a one-token prompt leaves nothing to cache"
+    if kwargs.get("attention_mask") is None and config.pad_token_id is not None:
+        if bool((ids == config.pad_token_id).any()):
+            return "no attention_mask was passed and the prompts hold pad tokens"
+    return why_not_shareable(model)
+
+
 def takes_keyword(model: nn.Module, name: str) -> bool:
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     return name in inspect.signature(base.forward).parameters
 
 
@@ -94,7 +135,7 @@ def prefill(
     ``last_logits``, the logits at each distinct prompt's last position (distinct, vocab).
     Gradients flow through both when enabled.
     """
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     cache = DynamicCache(config=base.config)
     distinct_ids, distinct_mask = ids[groups.first], mask[groups.first]
     kwargs = {

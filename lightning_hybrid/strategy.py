@@ -53,14 +53,16 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
     def connect(self, model) -> None:
         # Before any process exists: a model AutoTP cannot slice evenly fails here (or, built in
         # configure_model, in setup()).
-        if self.training_tp_size > 1 and any(getattr(m, "config", None) is not None for m in model.modules()):
-            check_autotp_model(model, self.training_tp_size)
+        if self.settings.training_tp_size > 1 and any(getattr(m, "config", None) is not None for m in model.modules()):
+            check_autotp_model(model, self.settings.training_tp_size)
         super().connect(model)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:
         # The ranks of a tensor-parallel group compute one batch together: shard by data-parallel rank.
-        rank, size = data_parallel_rank_and_size(self.global_rank, self.world_size, self.training_tp_size, self.mpu)
+        rank, size = data_parallel_rank_and_size(
+            self.global_rank, self.world_size, self.settings.training_tp_size, self.mpu
+        )
         return {"num_replicas": size, "rank": rank}
 
     @property
@@ -88,8 +90,8 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
     # -- engine construction -------------------------------------------------------------
     def setup(self, trainer) -> None:
         assert self.model is not None
-        if self.training_tp_size > 1:
-            check_autotp_model(self.model, self.training_tp_size)
+        if self.settings.training_tp_size > 1:
+            check_autotp_model(self.model, self.settings.training_tp_size)
         self._prepare_generation(self.model)
         if not any(isinstance(c, GenerationMetricsLogger) for c in trainer.callbacks):
             trainer.callbacks.append(GenerationMetricsLogger(self._step_times))

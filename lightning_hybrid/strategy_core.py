@@ -17,7 +17,6 @@ context's metrics go) and ``_not_built_message`` (what to do before the engine e
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import time
 from collections.abc import Iterator, Sequence
@@ -31,19 +30,11 @@ from deepspeed.runtime.zero import GatheredParameters
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from .config import (
-    INFERENCE_BACKENDS,
-    KV_CACHES,
-    HybridEngineSettings,
-    InferenceBackend,
-    KVCache,
-    merge_hybrid_block,
-    zero_stage,
-)
-from .engine import EngineOptions, HybridEngine, resolve_generation_module
+from .config import HybridEngineSettings, InferenceBackend, KVCache, zero_stage
+from .engine import HybridEngine, resolve_generation_module
 from .export import write_hf_directory
 from .gather import missing_params
-from .generation import GenerationContext, check_generate_request
+from .generation import GenerationContext, prepare_call
 from .kernels import select_backend
 from .metrics import GenerationStats
 from .model_parallel import (
@@ -146,88 +137,33 @@ class HybridEngineCore:
         mpu: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        settings = HybridEngineSettings(
-            max_out_tokens=max_out_tokens,
-            inference_tp_size=inference_tp_size,
-            release_inference_cache=release_inference_cache,
-            pin_parameters=pin_parameters,
-            tp_gather_partition_size=tp_gather_partition_size,
-        )
-        if inference_backend not in INFERENCE_BACKENDS:
-            raise ValueError(f"`inference_backend` must be one of {INFERENCE_BACKENDS}, got {inference_backend!r}.")
-        if generation_module is not None and (not isinstance(generation_module, str) or not generation_module):
-            raise TypeError(f"`generation_module` must be a dotted attribute path or None, got {generation_module!r}.")
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"`kv_cache` must be one of {KV_CACHES}, got {kv_cache!r}.")
-        for name, flag in (
-            ("cache_frozen_weights", cache_frozen_weights),
-            ("share_prompt_prefill", share_prompt_prefill),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
-        if isinstance(oom_split_min_batch, bool) or not isinstance(oom_split_min_batch, int) or oom_split_min_batch < 1:
-            raise ValueError(f"`oom_split_min_batch` must be an int >= 1, got {oom_split_min_batch!r}.")
-        if isinstance(kernel_check_interval, bool) or not isinstance(kernel_check_interval, int):
-            raise TypeError(f"`kernel_check_interval` must be an int, got {kernel_check_interval!r}.")
-        if kernel_check_interval < 0:
-            raise ValueError(
-                f"`kernel_check_interval` must be >= 0 (0 never checks the kernels), got {kernel_check_interval}."
-            )
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"`stage` must be 1, 2 or 3, got {stage!r}.")
         if isinstance(kwargs.get("config"), dict):
             kwargs["config"] = copy.deepcopy(kwargs["config"])  # never edit the caller's dict
         super().__init__(stage=stage, **kwargs)  # Lightning's DeepSpeedStrategy (Trainer's or Fabric's)
 
-        self.hybrid_settings = merge_hybrid_block(self.config, settings)
-        self.zero_stage = zero_stage(self.config)
         self.mpu = mpu
-        self.training_tp_size = resolve_training_tp(self.config, training_tp_size, mpu)
-        check_inference_tp(self.hybrid_settings.inference_tp_size, self.training_tp_size, mpu)
-        if self.training_tp_size > 1 and self.hybrid_settings.inference_tp_size > 1:
-            # inference_tp_size == training_tp_size: generate in the training layout, nothing re-sliced.
-            self.hybrid_settings = dataclasses.replace(self.hybrid_settings, inference_tp_size=1)
-            self.config["hybrid_engine"] = self.hybrid_settings.as_block()
-        if self.hybrid_settings.inference_tp_size > 1:
-            if self.zero_stage != 3:
-                raise ValueError(
-                    f"`inference_tp_size={self.hybrid_settings.inference_tp_size}` needs ZeRO stage 3 (as in"
-                    f" DeepSpeed-Chat), but the stage is {self.zero_stage}. Use stage=3 or inference_tp_size=1."
-                )
-        if self.hybrid_settings.inference_tp_size > 1 and (cache_frozen_weights or inference_backend == "deepspeed"):
-            raise ValueError(
-                f"`inference_tp_size={self.hybrid_settings.inference_tp_size}` slices the actor afresh in every"
-                " generation context on the portable path: it cannot be combined with cache_frozen_weights=True or"
-                " inference_backend='deepspeed'."
-            )
-        if cache_frozen_weights and (self.zero_stage != 3 or not self.hybrid_settings.pin_parameters):
-            raise ValueError(
-                "`cache_frozen_weights=True` keeps ZeRO-3 gathered weights between generations, so it needs stage=3"
-                f" and pin_parameters=True (got stage={self.zero_stage},"
-                f" pin_parameters={self.hybrid_settings.pin_parameters})."
-            )
-        if zero3_leaf_modules is not None:
-            names_ok = isinstance(zero3_leaf_modules, (list, tuple)) and all(
-                isinstance(n, str) and n for n in zero3_leaf_modules
-            )
-            if zero3_leaf_modules != "auto" and not (names_ok and zero3_leaf_modules):
-                raise ValueError(
-                    f"`zero3_leaf_modules` must be 'auto', a list of module class names or None, got"
-                    f" {zero3_leaf_modules!r}."
-                )
-            if self.zero_stage != 3:
-                raise ValueError(
-                    f"`zero3_leaf_modules` applies to ZeRO stage 3 only (it changes how ZeRO-3 fetches weights), but"
-                    f" the stage is {self.zero_stage}. Remove it, or use stage=3."
-                )
-        self.generation_module_path = generation_module
-        self.zero3_leaf_modules = zero3_leaf_modules
-        self.inference_backend = inference_backend
-        self.cache_frozen_weights = cache_frozen_weights
-        self.kv_cache = kv_cache
-        self.share_prompt_prefill = share_prompt_prefill
-        self.oom_split_min_batch = oom_split_min_batch
-        self.kernel_check_interval = kernel_check_interval
+        self.settings = HybridEngineSettings.resolve(
+            self.config,
+            max_out_tokens=max_out_tokens,
+            inference_tp_size=inference_tp_size,
+            release_inference_cache=release_inference_cache,
+            pin_parameters=pin_parameters,
+            tp_gather_partition_size=tp_gather_partition_size,
+            generation_module=generation_module,
+            inference_backend=inference_backend,
+            kernel_check_interval=kernel_check_interval,
+            cache_frozen_weights=cache_frozen_weights,
+            kv_cache=kv_cache,
+            share_prompt_prefill=share_prompt_prefill,
+            zero3_leaf_modules=zero3_leaf_modules,
+            oom_split_min_batch=oom_split_min_batch,
+            zero_stage=zero_stage(self.config),
+            training_tp_size=resolve_training_tp(self.config, training_tp_size, mpu),
+        )
+        check_inference_tp(inference_tp_size, mpu)
+        self.generation_module_path = generation_module  # resolved at setup: "" when the model itself generates
         self.backend: str | None = None  # the one picked at setup
         self._said: set[str] = set()  # backend choices already reported, so each is said once
         self.generation_stats: GenerationStats | None = None
@@ -259,14 +195,14 @@ class HybridEngineCore:
 
     # -- before any process: the world size --------------------------------------------------
     def _check_world_size(self) -> None:
-        tp = self.hybrid_settings.inference_tp_size
+        tp = self.settings.inference_tp_size
         if self.world_size % tp:
             raise ValueError(
                 f"`inference_tp_size={tp}` must divide the world size {self.world_size}"
                 f" ({self.num_nodes} node(s) x {self.num_processes} process(es)). Pick a divisor of {self.world_size}."
             )
-        check_world_size(self.training_tp_size, self.world_size, self.num_nodes, self.num_processes)
-        if self.inference_backend == "deepspeed":
+        check_world_size(self.settings.training_tp_size, self.world_size, self.num_nodes, self.num_processes)
+        if self.settings.inference_backend == "deepspeed":
             select_backend("deepspeed", self.root_device)
 
     # -- engine construction ---------------------------------------------------------------
@@ -274,29 +210,21 @@ class HybridEngineCore:
         """Find the generation module in ``root`` and pick the backend, before the engine is built."""
         path, generation_module = resolve_generation_module(root, self.generation_module_path)
         self.generation_module_path = path
-        if self.zero3_leaf_modules is not None:
-            leaf_classes(root, self.zero3_leaf_modules)  # names the model lacks: said now, not inside DeepSpeed
-        if self.hybrid_settings.inference_tp_size > 1:
-            check_tp_support(generation_module, self.hybrid_settings.inference_tp_size)
-        self.backend, why = select_backend(self.inference_backend, self.root_device, generation_module)
+        if self.settings.zero3_leaf_modules is not None:
+            # Names the model lacks: said now, not inside DeepSpeed.
+            leaf_classes(root, self.settings.zero3_leaf_modules)
+        if self.settings.reslices_for_inference:
+            check_tp_support(generation_module, self.settings.inference_tp_size)
+        self.backend, why = select_backend(self.settings.inference_backend, self.root_device, generation_module)
         message = f"HybridEngineStrategy: {why}; generation module {path!r}."
         if message not in self._said:
             self._said.add(message)
             rank_zero_info(message)
 
     def _engine_factory(self):
-        options = EngineOptions(
-            self.generation_module_path,
-            self.backend,
-            self.cache_frozen_weights,
-            self.oom_split_min_batch,
-            requested_backend=self.inference_backend,
-            kernel_check_interval=self.kernel_check_interval,
-            kv_cache=self.kv_cache,
-            share_prompt_prefill=self.share_prompt_prefill,
-            zero3_leaf_modules=self.zero3_leaf_modules,
+        return functools.partial(
+            HybridEngine, settings=self.settings, backend=self.backend, generation_path=self.generation_module_path
         )
-        return functools.partial(HybridEngine, options=options)
 
     @contextmanager
     def _building_hybrid_engine(self) -> Iterator[None]:
@@ -387,7 +315,7 @@ class HybridEngineCore:
         The request is checked against ``max_out_tokens`` before anything is gathered.
         """
         module = self.hybrid_engine.generation_module
-        check_generate_request(module, self.hybrid_settings.max_out_tokens, args, kwargs)
+        prepare_call(module, self.settings.max_out_tokens, args, kwargs)
         with self.generation() as actor:
             return actor.generate(*args, **kwargs)
 
@@ -426,7 +354,7 @@ class HybridEngineCore:
         params = missing_params(module.parameters(), engine) if engine.Z3_enabled else []
         with GatheredParameters(params, enabled=bool(params)):
             state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-            if self.training_tp_size > 1 or self.mpu is not None:  # AutoTP slices, made whole
+            if self.settings.training_tp_size > 1 or self.mpu is not None:  # AutoTP slices, made whole
                 state = gather_tensor_parallel_state(module, state)
         if self.is_global_zero:
             write_hf_directory(module, state, Path(directory), merge_lora)

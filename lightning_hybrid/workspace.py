@@ -19,13 +19,15 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+from .hf import base_model
+
 
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword ``generate`` takes a cache by: ``cache`` in recent transformers, ``past_key_values`` before.
 
     ``generate``'s own signature hides it in ``**kwargs``; the model's forward names it.
     """
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
@@ -33,10 +35,11 @@ CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 
 
 class InferenceWorkspace:
-    def __init__(self, max_out_tokens: int, release_after_use: bool, static: bool = False) -> None:
+    """The ``StaticCache`` of ``kv_cache="static"`` (with "dynamic" it is never asked for, and holds nothing)."""
+
+    def __init__(self, max_out_tokens: int, release_after_use: bool) -> None:
         self.max_out_tokens = max_out_tokens
         self.release_after_use = release_after_use
-        self.static = static  # False: generate keeps transformers' dynamic cache, and this holds nothing
         self.cache: StaticCache | None = None
         self.allocations = 0  # how many times a cache was built: the reuse a user can check
         self._key: tuple | None = None
@@ -44,7 +47,7 @@ class InferenceWorkspace:
 
     def supports(self, model: nn.Module) -> bool:
         """Whether ``model`` can generate with a static cache (most decoder-only HF models can)."""
-        base = getattr(model, "get_base_model", lambda: model)()
+        base = base_model(model)
         name = type(base).__name__
         ok = getattr(base, "_can_compile_fullgraph", False) and hasattr(base, "config")
         if not ok and name not in self._unsupported:
@@ -61,7 +64,7 @@ class InferenceWorkspace:
         key = (batch_size, dtype, device)
         if self.cache is None or key != self._key:
             self.release()
-            config = getattr(model, "get_base_model", lambda: model)().config
+            config = base_model(model).config
             self.cache = StaticCache(config=config, max_cache_len=self.max_out_tokens)
             self._key = key
             self.allocations += 1

@@ -68,8 +68,8 @@ def test_user_block_values_win_over_defaults_and_must_agree_otherwise():
     config = ds_config(3)
     config["hybrid_engine"] = {"enabled": True, "max_out_tokens": 256, "release_inference_cache": True}
     strategy = HybridEngineStrategy(config=config)
-    assert strategy.hybrid_settings.max_out_tokens == 256 and strategy.hybrid_settings.release_inference_cache
-    assert HybridEngineStrategy(config=config, max_out_tokens=256).hybrid_settings.max_out_tokens == 256
+    assert strategy.settings.max_out_tokens == 256 and strategy.settings.release_inference_cache
+    assert HybridEngineStrategy(config=config, max_out_tokens=256).settings.max_out_tokens == 256
     with pytest.raises(ValueError, match=r"max_out_tokens.*128.*256"):
         HybridEngineStrategy(config=config, max_out_tokens=128)
 

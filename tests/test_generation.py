@@ -349,7 +349,7 @@ def test_metrics_reach_the_logger(tmp_path):
 def generate_with_sharing(strategy, share: bool, *args, **kwargs):
     """One context generating with prompt sharing on or off (same weights, same generation RNG state)."""
     engine = strategy.hybrid_engine
-    engine.options = dataclasses.replace(engine.options, share_prompt_prefill=share)
+    engine.settings = dataclasses.replace(engine.settings, share_prompt_prefill=share)
     with strategy.generation() as actor:
         out = actor.generate(*args, **kwargs)
     return out, strategy.generation_stats
@@ -361,9 +361,9 @@ def generate_with_sharing(strategy, share: bool, *args, **kwargs):
     ids=["zero3-pinned", "zero3-cached", "zero3-layerwise", "zero2"],
 )
 def test_repeated_prompts_are_prefilled_once(stage, pin, cache_frozen):
-    """Rows repeating a prompt (anywhere in the batch, or via num_return_sequences) share one prefill: greedy
-    tokens equal plain generate's and the unsharded merged reference's, sampled per-step logits within 1e-5 of
-    plain generate's; the prompt positions not recomputed are counted."""
+    """Rows repeating a prompt (anywhere in the batch, or via num_return_sequences when sampling) share one
+    prefill: greedy tokens equal plain generate's and the unsharded merged reference's, sampled tokens equal plain
+    generate's with per-step logits within 1e-5; the prompt positions not recomputed are counted."""
     ids, mask = grpo_prompts()  # 2 prompts x 3 rows, 7 columns: 4 rows x 6 cached columns are not recomputed
     shuffled = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
     checked = []
@@ -379,12 +379,6 @@ def test_repeated_prompts_are_prefilled_once(stage, pin, cache_frozen):
             assert stats.prompt_tokens_reused == 4 * 6 and stats.prompt_sharing_skipped == 0
             plain, stats = generate_with_sharing(strategy, False, ids[rows], attention_mask=mask[rows], **GREEDY)
             assert torch.equal(plain, want[rows]) and stats.prompt_tokens_reused == 0
-        # num_return_sequences repeats rows inside generate: the same, made explicit.
-        distinct, distinct_mask = ids[::3], mask[::3]
-        got, stats = generate_with_sharing(
-            strategy, True, distinct, attention_mask=distinct_mask, num_return_sequences=3, **GREEDY
-        )
-        assert torch.equal(got, want) and stats.prompt_tokens_reused == 4 * 6
         sampling = dict(max_new_tokens=6, do_sample=True, top_k=0, output_logits=True, return_dict_in_generate=True)
         rng = copy.deepcopy(strategy.hybrid_engine.generation_rng)
         outputs = {}
@@ -394,6 +388,13 @@ def test_repeated_prompts_are_prefilled_once(stage, pin, cache_frozen):
         shared, plain = outputs[True], outputs[False]
         assert torch.equal(shared.sequences, plain.sequences)
         assert (torch.stack(shared.logits) - torch.stack(plain.logits)).abs().max() < 1e-5
+        # num_return_sequences repeats rows inside generate (sampling): the same draws, the prompt computed once.
+        distinct, distinct_mask = ids[::3], mask[::3]
+        strategy.hybrid_engine.generation_rng = copy.deepcopy(rng)
+        copies, stats = generate_with_sharing(
+            strategy, True, distinct, attention_mask=distinct_mask, num_return_sequences=3, **sampling
+        )
+        assert torch.equal(copies.sequences, plain.sequences) and stats.prompt_tokens_reused == 4 * 6
         checked.append(module.global_step)
 
     strategy = HybridEngineStrategy(
@@ -416,7 +417,8 @@ def test_prompt_sharing_steps_aside_for_calls_it_cannot_serve():
         with strategy.generation() as actor:
             seen["static"] = actor.generate(ids, attention_mask=mask, **GREEDY)
         seen["static_stats"] = strategy.generation_stats
-        strategy.hybrid_engine.kv_workspace.static = False
+        engine = strategy.hybrid_engine
+        engine.settings = dataclasses.replace(engine.settings, kv_cache="dynamic")
         with strategy.generation() as actor:
             seen["dynamic"] = actor.generate(ids, attention_mask=mask, **GREEDY)
             actor.generate(ids, attention_mask=mask, num_beams=2, **GREEDY)
@@ -436,3 +438,48 @@ def test_prompt_sharing_steps_aside_for_calls_it_cannot_serve():
 
     with pytest.raises(TypeError, match="share_prompt_prefill"):
         HybridEngineStrategy(share_prompt_prefill="yes")
+
+
+def test_prompt_sharing_follows_the_generation_config_transformers_resolves():
+    """What transformers would refuse is refused the same way; whatever turns its cache off turns sharing off.
+
+    ``use_cache=False`` (a keyword, a ``GenerationConfig``, or the model's default) generates without a cache:
+    handing it a prefilled one gave wrong tokens. Greedy ``num_return_sequences > 1`` raises transformers' own
+    ``ValueError`` (it returned identical copies: zero advantage for every GRPO group)."""
+    from transformers import GenerationConfig
+
+    ids, mask = grpo_prompts()
+    no_cache = dict(GREEDY, use_cache=False)
+    checked = []
+
+    def on_step(module, batch):
+        strategy = module.trainer.strategy
+        reference = unsharded_reference(module, "peft")
+        with torch.no_grad(), native_linear():
+            want = reference.generate(ids, attention_mask=mask, **GREEDY)
+            with pytest.raises(ValueError, match="num_return_sequences") as plain_error:
+                reference.generate(ids[::3], attention_mask=mask[::3], num_return_sequences=3, **GREEDY)
+        for share in (True, False):
+            got, stats = generate_with_sharing(strategy, share, ids, attention_mask=mask, **no_cache)
+            assert torch.equal(got, want) and stats.prompt_tokens_reused == 0
+            config = GenerationConfig(**no_cache)
+            got, stats = generate_with_sharing(strategy, share, ids, attention_mask=mask, generation_config=config)
+            assert torch.equal(got, want) and stats.prompt_tokens_reused == 0
+            with pytest.raises(ValueError, match="num_return_sequences") as error:
+                generate_with_sharing(
+                    strategy, share, ids[::3], attention_mask=mask[::3], num_return_sequences=3, **GREEDY
+                )
+            assert str(error.value) == str(plain_error.value)
+        actor = strategy.hybrid_engine.generation_module.get_base_model()
+        actor.generation_config.use_cache = False  # the model's own default
+        try:
+            got, stats = generate_with_sharing(strategy, True, ids, attention_mask=mask, **GREEDY)
+        finally:
+            actor.generation_config.use_cache = True
+        assert torch.equal(got, want) and stats.prompt_tokens_reused == 0 and stats.prompt_sharing_skipped == 1
+        checked.append(module.global_step)
+
+    strategy = HybridEngineStrategy(config=ds_config(3))
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        fit(RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05), strategy, steps=2)
+    assert checked == [0, 1]

@@ -93,7 +93,7 @@ def test_an_inference_tp_size_other_than_1_or_the_training_size_is_refused(kwarg
 def test_inference_tp_equal_to_training_tp_generates_in_the_training_layout():
     # No re-slicing at generation (and so no ZeRO-3 requirement): the hybrid block says 1.
     strategy = HybridEngineStrategy(config=ds_config(1), training_tp_size=2, inference_tp_size=2)
-    assert strategy.hybrid_settings.inference_tp_size == 1
+    assert not strategy.settings.reslices_for_inference
     assert strategy.config["hybrid_engine"]["inference_tp_size"] == 1
 
 
