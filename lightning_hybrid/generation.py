@@ -80,6 +80,15 @@ def resolve_generation_config(module: nn.Module, kwargs: dict[str, Any]) -> Gene
     return config
 
 
+def _generate_signature(model: nn.Module) -> inspect.Signature:
+    """The class's ``generate`` signature (the instance's is the context's wrapper); transformers' own where the
+    class passes ``*args`` through."""
+    signature = inspect.signature(type(model).generate)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+        signature = inspect.signature(GenerationMixin.generate)
+    return signature
+
+
 def with_settings(kwargs: dict[str, Any], **settings: Any) -> None:
     """Set generation settings on a call, where transformers reads them without a warning.
 
@@ -106,8 +115,7 @@ def prepare_call(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: di
     """
     kwargs = dict(kwargs)
     if args:
-        base = base_model(module)  # the class's generate: the instance's is this context's wrapper
-        bound = inspect.signature(type(base).generate).bind_partial(base, *args).arguments
+        bound = _generate_signature(base_model(module)).bind_partial(None, *args).arguments
         for name, value in list(bound.items())[1:]:
             name = "input_ids" if name == "inputs" else name
             if name in kwargs:

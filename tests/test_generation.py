@@ -483,3 +483,31 @@ def test_prompt_sharing_follows_the_generation_config_transformers_resolves():
     with pytest.warns(UserWarning, match="use_cache=False"):
         fit(RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05), strategy, steps=2)
     assert checked == [0, 1]
+
+
+def test_a_static_workspace_turns_off_transformers_auto_compile_unless_the_user_configured_it():
+    """transformers compiles the decode step (CUDA graphs) whenever a StaticCache is on a GPU; weights gathered and
+    fused anew in every context would re-record the graphs each time. The context passes ``disable_compile=True``
+    with its static workspace, unless the call brings a ``compile_config``."""
+    from transformers import CompileConfig, LlamaForCausalLM
+
+    calls = []
+
+    class RecordingLlama(LlamaForCausalLM):  # the real model; only its generate's arguments are recorded
+        def generate(self, *args, **kwargs):
+            calls.append(kwargs)
+            return super().generate(*args, **kwargs)
+
+    source = tiny_llama()
+    actor = RecordingLlama(source.config).eval()
+    actor.load_state_dict(source.state_dict())
+    ids, mask = prompts()
+
+    def on_step(module, batch):
+        with module.trainer.strategy.generation() as generating:
+            generating.generate(ids, attention_mask=mask, **GREEDY)
+            generating.generate(ids, attention_mask=mask, compile_config=CompileConfig(), **GREEDY)
+
+    fit(RolloutModule(actor, on_step), HybridEngineStrategy(config=ds_config(3), kv_cache="static"), steps=1)
+    assert calls[0]["disable_compile"] is True
+    assert "disable_compile" not in calls[1]

@@ -48,6 +48,34 @@ def test_out_of_memory_retries_in_halves():
     assert got["stats"].oom_splits == 3  # 4 -> 2 + 2 -> (1 + 1) + (1 + 1)
 
 
+def test_out_of_memory_retry_starts_with_the_failed_attempts_memory_released():
+    """The halves run after the failed attempt's tensors are gone (on a GPU, retrying while the traceback still
+    holds the attempt's KV cache and logits runs out of memory again)."""
+    import weakref
+
+    ids, mask = prompts(batch=2)
+    seen = {}
+
+    def hook(module, args, kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        if rows > 1:
+            held = torch.empty(1024)  # what the failed attempt holds when it runs out
+            seen["held"] = weakref.ref(held)
+            raise torch.OutOfMemoryError(f"injected: {rows} rows")
+        seen.setdefault("alive_at_retry", seen["held"]() is not None)
+
+    def on_step(module, batch):
+        handle = module.actor.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with pytest.warns(UserWarning, match="Out of memory generating 2 sequences"):
+                module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        finally:
+            handle.remove()
+
+    fit(RolloutModule(tiny_llama(), on_step, lr=0.0), HybridEngineStrategy(config=ds_config(2)), steps=1)
+    assert seen["alive_at_retry"] is False
+
+
 def test_out_of_memory_below_the_floor_is_a_clear_error_and_loses_nothing():
     ids, mask = prompts(batch=4)
     seen = {}
