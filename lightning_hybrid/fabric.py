@@ -54,7 +54,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
                 "`training_tp_size > 1` and `mpu` are not supported by the Fabric strategy yet (untested under"
                 " Fabric). Use the Trainer's lightning_hybrid.HybridEngineStrategy for tensor-parallel training."
             )
-        self._check_world_size()  # the earliest point where it is known, and still before any process
+        self._check_before_launch()  # the earliest point where it is known, and still before any process
         super()._configure_launcher()
 
     @property

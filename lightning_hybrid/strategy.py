@@ -47,7 +47,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
 
     # -- launcher and environment --------------------------------------------------------
     def _configure_launcher(self) -> None:
-        self._check_world_size()  # the earliest point where it is known, and still before any process
+        self._check_before_launch()  # the earliest point where it is known, and still before any process
         super()._configure_launcher()
 
     def connect(self, model) -> None:

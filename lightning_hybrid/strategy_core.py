@@ -61,6 +61,25 @@ def use_plain_gloo() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def check_deepspeed_accelerator(device: torch.device) -> None:
+    """Refuses a run whose Lightning device and DeepSpeed's accelerator disagree.
+
+    DeepSpeed picks its accelerator once, when it is first imported (CUDA whenever a GPU is visible, unless
+    ``DS_ACCELERATOR`` says otherwise). ``accelerator="cpu"`` on a GPU machine would then put the model on
+    ``cuda:N`` and the batches on the CPU.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    theirs, ours = get_accelerator().device_name(), device.type
+    if theirs != ours:
+        raise RuntimeError(
+            f"Lightning runs this job on {ours!r} but DeepSpeed's accelerator is {theirs!r} (DeepSpeed picks it"
+            f" once, when it is first imported). Set DS_ACCELERATOR={ours} in the environment before the job"
+            f" starts (before anything imports deepspeed), or choose Trainer/Fabric(accelerator=...) to match"
+            f" {theirs!r}."
+        )
+
+
 class HybridEngineCore:
     """DeepSpeed's Hybrid Engine for an RLHF actor, on CUDA and on CPU (see the front-ends' docs).
 
@@ -193,8 +212,9 @@ class HybridEngineCore:
             offload_parameters=True,
         )
 
-    # -- before any process: the world size --------------------------------------------------
-    def _check_world_size(self) -> None:
+    # -- before any process: the accelerator and the world size -------------------------------
+    def _check_before_launch(self) -> None:
+        check_deepspeed_accelerator(self.root_device)
         tp = self.settings.inference_tp_size
         if self.world_size % tp:
             raise ValueError(

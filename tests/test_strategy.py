@@ -168,3 +168,34 @@ def test_fit_on_cuda(stage, pin):
     assert trainer.strategy.root_device.type == "cuda"
     assert torch.equal(got[0], reference) and torch.equal(got[2], reference)
     assert got[1].peak_memory_bytes > 0 and got[1].tokens_per_s > 0
+
+
+MISMATCH = """
+import lightning_hybrid
+from lightning.fabric import Fabric
+from lightning.pytorch import Trainer
+for make in (lambda: Trainer(accelerator="cpu", devices=1, strategy=lightning_hybrid.HybridEngineStrategy(), logger=False),
+             lambda: Fabric(accelerator="cpu", devices=1, strategy=lightning_hybrid.fabric.HybridEngineStrategy())):
+    try:
+        make()
+        print("ACCEPTED")
+    except RuntimeError as error:
+        print("REFUSED", error)
+"""
+
+
+def test_a_deepspeed_accelerator_other_than_lightnings_is_refused_with_the_fix():
+    """On a GPU machine DeepSpeed picks CUDA on import; ``accelerator="cpu"`` would put the model on the GPU and the
+    batches on the CPU. Shown here by giving DeepSpeed the CUDA accelerator the way a GPU machine would."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    env = subprocess_env(DS_ACCELERATOR="cuda")
+    out = subprocess.run([sys.executable, "-c", MISMATCH], env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("REFUSED", "ACCEPTED"))]
+    assert len(lines) == 2, out.stdout + out.stderr
+    for line in lines:
+        assert line.startswith("REFUSED") and "DeepSpeed's accelerator is 'cuda'" in line
+        assert "DS_ACCELERATOR=cpu" in line
