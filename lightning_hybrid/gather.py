@@ -306,6 +306,7 @@ class PinnedGather:
             for param in to_gather:
                 if id(param) not in self.trainable:
                     self.cache.store(param)
+        self.fusion.disposable = {id(p) for p in to_gather}  # released after the context: fused in place
         self.fuse_s = _timed(self.fusion.fuse, lora_modules(modules))
         self._plain_dicts = PlainParameterDicts(modules)
 
@@ -377,6 +378,7 @@ class LayerwiseGather:
         self._other.__enter__()
         in_groups = {id(m) for group in self.groups for layer in group for m in layer.modules()}
         outside = [m for m in lora_modules(self.module) if id(m) not in in_groups]
+        self.other_fusion.disposable = {id(p) for p in self.other}
         self.fuse_s += _timed(self.other_fusion.fuse, outside)
         for group in self.groups:
             self._handles.append(group[0].register_forward_pre_hook(lambda *_, g=group: self._open_group(g)))
@@ -388,7 +390,7 @@ class LayerwiseGather:
         params = missing_params([p for layer in group for p in layer.parameters()], self.engine)
         gathered = GatheredParameters(params)
         self.layer_gather_s += _timed(gathered.__enter__)
-        fusion = LoraFusion()
+        fusion = LoraFusion(disposable={id(p) for p in params})
         self.fuse_s += _timed(fusion.fuse, [m for layer in group for m in lora_modules(layer)])
         self._open = (gathered, fusion)
         self.max_layers_materialized = max(self.max_layers_materialized, len(group))

@@ -255,6 +255,8 @@ class GenerationContext:
         self.stats.gather_s = entered - self.materializer.fuse_s
         self.stats.gathered_bytes = self.materializer.gathered_bytes
         self.stats.sliced_bytes = getattr(self.materializer, "sliced_bytes", 0)
+        fusion = getattr(self.materializer, "fusion", None)
+        self.stats.fused_copy_bytes = fusion.copy_bytes if fusion is not None else 0
         if self.engine.frozen_cache is not None:
             self.stats.frozen_cache_bytes = self.engine.frozen_cache.nbytes
 

@@ -6,11 +6,14 @@ Two conventions are understood:
 * DeepSpeed-Chat's ``LinearLayer_LoRA`` (``lora_right_weight``, ``lora_left_weight``,
   ``lora_scaling``, ``fuse_lora``).
 
-Fusing never edits a weight in place. The base parameter's ``.data`` is pointed at another
-tensor holding ``W + delta`` (new, or a scratch buffer the caller keeps) and, on unfuse,
-pointed back at the original tensor object, so the base weights come back bit for bit
-however many cycles run (``W + d - d`` does not, in bf16). Under ZeRO-3 this happens on
-gathered weights, before they are released.
+A weight that will be thrown away after the context (ZeRO-3's gathered copy of a partitioned
+weight: releasing it drops the data, the partition is untouched) is fused in place, as DeepSpeed
+does: no extra memory, and nothing to undo. Any other weight (ZeRO-1/2's training weights,
+weights ZeRO-3 itself fetched, cached frozen copies) is never edited: the parameter's ``.data``
+is pointed at another tensor holding ``W + delta`` (new, or a scratch buffer the caller keeps)
+and, on unfuse, pointed back at the original tensor object, so it comes back bit for bit however
+many cycles run (``W + d - d`` does not, in bf16). That costs one copy of each LoRA-targeted
+weight while the context is open (``GenerationStats.fused_copy_bytes``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def lora_modules(module: nn.Module | list[nn.Module]) -> list[nn.Module]:
 class _Fused:
     module: nn.Module
     weight: nn.Parameter
-    original: torch.Tensor
+    original: torch.Tensor | None  # None: fused in place into a copy that is thrown away after the context
     merged_adapters: list[str] | None = None  # PEFT only
     fuse_flag: bool | None = None  # DS-Chat only
 
@@ -67,15 +70,22 @@ class LoraFusion:
     ``buffers`` (optional, kept by the caller between fusions): a scratch tensor per fused
     weight that receives ``W + delta`` each time, instead of a new allocation. It is never the
     original: the base weight still comes back as the very tensor it was.
+    ``disposable``: ids of weights whose current data is thrown away after the context (ZeRO-3's
+    gathered copies): those are fused in place.
     """
 
     fused: list[_Fused] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     buffers: dict[int, torch.Tensor] | None = None  # id(weight param) -> scratch for its fused value
+    disposable: set[int] = field(default_factory=set)
+    copy_bytes: int = 0  # fused values held beside their originals (not in place, not in ``buffers``)
 
     def _fused_out(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The scratch tensor for ``weight``'s fused value, or None to allocate a new one."""
+        """Where ``weight``'s fused value goes: its own data (disposable), a scratch tensor, or None (a new one)."""
+        if id(weight) in self.disposable:
+            return weight.data
         if self.buffers is None:
+            self.copy_bytes += weight.numel() * weight.element_size()
             return None
         original = weight.data
         buffer = self.buffers.get(id(weight))
@@ -95,7 +105,8 @@ class LoraFusion:
         # Reverse order, so a weight fused twice (never expected) still ends at its original.
         while self.fused:
             item = self.fused.pop()
-            item.weight.data = item.original
+            if item.original is not None:
+                item.weight.data = item.original
             if item.merged_adapters is not None:
                 item.module.merged_adapters = item.merged_adapters
             if item.fuse_flag is not None:
@@ -124,7 +135,8 @@ class LoraFusion:
             # weight's dtype. Same here, so fused weights equal `merge_and_unload()`'s bit for bit.
             fused = (fused + delta).to(original.dtype) if out is None else torch.add(fused, delta, out=out)
         weight.data = fused
-        self.fused.append(_Fused(layer, weight, original, merged_adapters=list(layer.merged_adapters)))
+        kept = None if fused is original else original
+        self.fused.append(_Fused(layer, weight, kept, merged_adapters=list(layer.merged_adapters)))
         layer.merged_adapters = list(adapters)  # PEFT's forward now skips the adapter branch
 
     def _fuse_dschat(self, layer: nn.Module) -> None:
@@ -136,7 +148,8 @@ class LoraFusion:
         delta = layer.lora_scaling * torch.matmul(layer.lora_left_weight.t(), layer.lora_right_weight.t())
         out = self._fused_out(weight)
         weight.data = (original + delta).to(original.dtype) if out is None else torch.add(original, delta, out=out)
-        self.fused.append(_Fused(layer, weight, original, fuse_flag=getattr(layer, "fuse_lora", False)))
+        kept = None if out is original else original
+        self.fused.append(_Fused(layer, weight, kept, fuse_flag=getattr(layer, "fuse_lora", False)))
         layer.fuse_lora = True
 
     def warn_skipped(self) -> None:

@@ -29,6 +29,7 @@ class GenerationStats:
     oom_splits: int = 0  # batches split in halves after running out of memory
     peak_memory_bytes: int = 0  # CUDA allocator peak, or process RSS peak on CPU
     gathered_bytes: int = 0  # bytes all-gathered on entry
+    fused_copy_bytes: int = 0  # fused LoRA weights held beside their originals (ZeRO-1/2; ZeRO-3 fuses in place)
     frozen_cache_bytes: int = 0  # resident frozen-weight copies and fused-LoRA scratch (cache_frozen_weights)
     workspace_bytes: int = 0  # KV cache held
     sliced_bytes: int = 0  # inference_tp_size > 1: this rank's tensor-parallel slices

@@ -127,3 +127,31 @@ def test_scratch_buffers_fuse_exactly_and_see_every_change(dtype, convention):
             targeted = lora_modules(actor)[cycle % 2]
             base = targeted.get_base_layer() if convention == "peft" else targeted
             base.weight.mul_(-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("convention", ["peft", "dschat"])
+def test_disposable_weights_fuse_in_place_to_the_same_bits_and_the_others_come_back_exactly(convention, dtype):
+    """ZeRO-3's gathered copies are thrown away after the context, so they are fused in place (no second copy of
+    the LoRA-targeted weights); every other weight is fused into a copy and comes back as the very tensor it was.
+    Either way the fused bits equal PEFT's ``merge_and_unload`` / DeepSpeed-Chat's formula."""
+    actor = (add_peft_lora if convention == "peft" else add_dschat_lora)(tiny_llama().to(dtype))
+    layers = lora_modules(actor)
+    targeted = [layer.get_base_layer().weight if convention == "peft" else layer.weight for layer in layers]
+    copies = LoraFusion()
+    copies.fuse(layers)
+    want = [w.detach().clone() for w in targeted]
+    copies.unfuse()
+    originals = [(w.data, w.detach().clone()) for w in targeted]
+    half = {id(w) for w in targeted[::2]}  # every other weight as if ZeRO-3 had just gathered it
+    fusion = LoraFusion(disposable=half)
+    fusion.fuse(layers)
+    for w, expected, (data, _) in zip(targeted, want, originals):
+        assert torch.equal(w, expected)
+        assert (w.data.data_ptr() == data.data_ptr()) == (id(w) in half)  # in place only where disposable
+    kept = [w for w in targeted if id(w) not in half]
+    assert fusion.copy_bytes == sum(w.numel() * w.element_size() for w in kept)
+    fusion.unfuse()
+    for w, (data, before) in zip(targeted, originals):
+        if id(w) not in half:
+            assert w.data_ptr() == data.data_ptr() and torch.equal(w, before)
