@@ -5,7 +5,8 @@ Three parts, in the order a run meets them:
 * ``select_backend``: which inference path a run gets, and why. The portable path ("torch")
   works everywhere. DeepSpeed's fused CUDA kernels ("deepspeed") only exist on CUDA, only for
   layers DeepSpeed has a hybrid-engine policy for (read from DeepSpeed's own policy list), and
-  are refused up front where they are known to break (``KNOWN_BREAKS``). ``"auto"`` picks the
+  are refused up front where they cannot work: every layer that takes a transformers ``Cache``
+  object (all of transformers 5), with what a GPU run saw (``CACHE_EVIDENCE``). ``"auto"`` picks the
   kernels only for architectures listed in ``VERIFIED_KERNEL_POLICIES``, which stays empty
   until a GPU run has shown kernel generation matching the portable path.
 * ``KernelPath``: the containers, built for the generation module only (never the reference
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,33 +55,46 @@ HYBRID_ENGINE_POLICIES = frozenset(
 # matching the portable path on this stack. None has been run yet.
 VERIFIED_KERNEL_POLICIES: frozenset[str] = frozenset()
 
-# Names a transformers decoder layer takes its KV cache object by (a ``Cache``, not tuples).
-_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "cache_position")
+# Names a transformers decoder layer takes its KV cache by, the Cache-object names first. ``layer_past``
+# is GPT-Neo's: a transformers Cache since 4.45, a tuple of tensors before, so a name alone does not
+# decide it (``cache_argument`` also asks whether the layer's module uses the Cache class).
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_position")
 
 
 @dataclass(frozen=True)
-class KnownBreak:
-    """A DeepSpeed policy that is known to produce wrong tokens on a Cache-API transformers layer."""
+class CacheEvidence:
+    """What was seen when a DeepSpeed policy's kernels ran a transformers layer that takes a Cache object."""
 
     policy: str
-    reason: str
-    upstream: str
+    seen: str
+    source: str
 
 
-KNOWN_BREAKS = (
-    KnownBreak(
+# Evidence quoted in the refusal: the refusal itself covers every policy whose layer takes a Cache.
+CACHE_EVIDENCE = (
+    CacheEvidence(
         "LLAMALayerPolicy",
-        "since transformers 4.36 Llama layers keep their KV cache in a transformers Cache object, which"
-        " DeepSpeed's kernel layers never update (they keep their own); generation repeats tokens or turns to"
-        " gibberish",
+        "generation repeats tokens or turns to gibberish; on an H200 (DeepSpeed 0.19.8, transformers 5.17) the"
+        " kernels failed with 'The expanded size of the tensor (64) must match the existing size (32)'",
         "DeepSpeed issues 6522, 5388 and 4788",
     ),
-    KnownBreak(
+    CacheEvidence(
         "HFOPTLayerPolicy",
-        "the injected OPT layer implements only the legacy tuple-cache contract, and this OPT layer takes a"
-        " transformers Cache; DeepSpeed keeps such layers off its kernels itself (its check looks for"
-        " `cache_position`/`past_key_values` and misses the newer `cache` name)",
+        "on an H200 (DeepSpeed 0.19.8, transformers 5.17) the kernels failed with \"'tuple' object has no attribute"
+        " 'size'\"; DeepSpeed's own check skips layers taking `cache_position`/`past_key_values` but misses the newer"
+        " `cache` name",
         "DeepSpeed runtime/hybrid_engine.py, populate_all_inference_policies",
+    ),
+    CacheEvidence(
+        "HFGPTJLayerPolicy",
+        "on an H200 (DeepSpeed 0.19.8, transformers 5.17) fp32 logits differed by 0.075 from the second new token",
+        "tests/cuda/run.sh",
+    ),
+    CacheEvidence(
+        "HFGPTNEOLayerPolicy",
+        "on an H200 (DeepSpeed 0.19.8, transformers 5.17) fp32 generation failed in DeepSpeed's softmax_context with"
+        " 'The specified pointer resides on host memory'",
+        "tests/cuda/run.sh",
     ),
 )
 
@@ -127,9 +142,22 @@ def policy_layers(module: nn.Module) -> list[tuple[nn.Module, type]]:
     return found
 
 
-def takes_cache_object(layer_class: type) -> bool:
+def cache_argument(layer_class: type) -> str | None:
+    """The argument by which ``layer_class.forward`` takes a transformers ``Cache`` object (None: it takes none)."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # transformers before the Cache API: tuples only
+        return None
     parameters = inspect.signature(layer_class.forward).parameters
-    return any(name in parameters for name in _CACHE_ARGUMENTS)
+    namespace = vars(sys.modules[layer_class.__module__]).values()
+    module_uses_cache = any(isinstance(value, type) and issubclass(value, Cache) for value in namespace)
+    for name in _CACHE_ARGUMENTS:
+        parameter = parameters.get(name)
+        if parameter is None:
+            continue
+        if name == "cache_position" or "Cache" in str(parameter.annotation) or module_uses_cache:
+            return name
+    return None
 
 
 def kernel_refusal(module: nn.Module) -> str | None:
@@ -148,14 +176,6 @@ def kernel_refusal(module: nn.Module) -> str | None:
             f"DeepSpeed's policy for {arch!r} ({policy.__name__}) is inference-only: it has no hybrid-engine container"
             " sharing weights with training"
         )
-    for known in KNOWN_BREAKS:
-        if known.policy == policy.__name__ and takes_cache_object(type(layer)):
-            import transformers
-
-            return (
-                f"DeepSpeed's kernels are known to break for {arch!r} with transformers {transformers.__version__}:"
-                f" {known.reason} ({known.upstream})"
-            )
     try:
         describe_layer(layer, policy, layer_id=0, max_out_tokens=64, model_config=base_model(module).config)
     except Exception as error:  # DeepSpeed's policy reads attributes this transformers layer no longer has
@@ -170,6 +190,17 @@ def kernel_refusal(module: nn.Module) -> str | None:
         return (
             f"LoRA layers {unfusable} use a variant (DoRA, lora_bias, ...) that cannot be fused into the weights the"
             " kernels read, and the kernels bypass PEFT's adapter path"
+        )
+    argument = cache_argument(type(layer))
+    if argument is not None:
+        import transformers
+
+        seen = "".join(f"; {e.seen} ({e.source})" for e in CACHE_EVIDENCE if e.policy == policy.__name__)
+        return (
+            f"transformers {transformers.__version__}'s {type(layer).__name__} ({arch!r}) takes its KV cache as a"
+            f" transformers Cache object (argument `{argument}`), and DeepSpeed's kernel layers ({policy.__name__})"
+            " implement only the legacy tuple-cache contract: they keep their own KV cache, never update the Cache,"
+            f" and return an `(output, presents)` tuple (transformers 5's models pass a tensor on){seen}"
         )
     return None
 
@@ -277,18 +308,27 @@ class KernelPath:
         self, module: nn.Module, *, max_out_tokens: int, release_inference_cache: bool, transform_per_forward: bool
     ) -> None:
         from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
-        from deepspeed.ops.transformer.inference.op_binding.workspace import WorkspaceOp
+        from deepspeed.ops.transformer.inference.ds_attention import DeepSpeedSelfAttention
+        from deepspeed.ops.transformer.inference.ds_mlp import DeepSpeedMLP
 
         self.module = module
         self.release_inference_cache = release_inference_cache
         self.transform_per_forward = transform_per_forward
         model_config = base_model(module).config
 
-        # DeepSpeed numbers kernel layers with a class-level counter and sizes its one global
-        # workspace from it when layer 0 first runs: number this path's layers from 0, so a
-        # second engine in the process (validate after fit, a second fit) gets a workspace of
-        # its own size. One kernel path is in use at a time per process.
+        # DeepSpeed keeps kernel state per class, not per model: layer counters (the attention's
+        # overwrites the layer's id, and tells the kernels which layer is last, where the token
+        # position advances), the workspace op (its dtype) and the buffers split Q/K/V and gate/up
+        # are merged into at every forward (their shape and dtype). All of it is set by the first
+        # kernel layer a process builds, so a second path (validate after fit, another dtype, a
+        # test after a test) would run with the first one's: layer 0 never sizing the workspace,
+        # positions never advancing, fp16 weights cast into an fp32 buffer. Start it afresh here.
+        # One kernel path is in use at a time per process.
         DeepSpeedTransformerInference.layer_id = 0
+        DeepSpeedTransformerInference.workspace = None
+        DeepSpeedSelfAttention.num_layers = 0
+        DeepSpeedSelfAttention._qkv_buffers = []
+        DeepSpeedMLP._inter_w_buffers = []
         self.layers: list[tuple[nn.Module, Any]] = []
         for layer_id, (layer, policy_class) in enumerate(policy_layers(module)):
             container = describe_layer(
@@ -299,7 +339,22 @@ class KernelPath:
             self.layers.append((layer, container))
         if not self.layers:
             raise RuntimeError(f"No DeepSpeed kernel container could be built for {architecture(module)!r}.")
-        self.workspace = WorkspaceOp()  # DeepSpeed's global inference workspace (the kernels' KV cache)
+        # DeepSpeed's global inference workspace (the kernels' KV cache), as the kernel layers hold it.
+        self.workspace = DeepSpeedTransformerInference.workspace
+        self.kernel_modules = [container.module for _, container in self.layers]
+
+    def _arm_workspace(self) -> None:
+        """Let this call's first forward size DeepSpeed's workspace for the batch it really has.
+
+        A kernel layer allocates the workspace on layer 0's first forward and then never again
+        (``_should_allocate_workspace``), so a first call of 2 rows (the parity probe) would leave
+        every larger later batch writing past it. DeepSpeed's own ``prepare_shared_prefill``
+        re-allocates per call the same way; the allocation grows the buffer only when it must, and
+        records the batch the kernels index the KV cache by. Armed rather than allocated here: the
+        rows layer 0 sees include ``num_return_sequences`` and beams, which the prompt does not show.
+        """
+        for module in self.kernel_modules:
+            module._should_allocate_workspace = True
 
     def _retake_workspace(self) -> None:
         # DeepSpeed's retake_inference_cache: only needed after a release.
@@ -321,6 +376,7 @@ class KernelPath:
         change (e.g. GPT-NeoX's per-head QKV) happens inside each forward, on the gathered weights.
         """
         self._retake_workspace()
+        self._arm_workspace()
         switched: list[tuple[nn.Module, Any, Any]] = []  # (layer, container, its own forward or None)
         try:
             for layer, container in self.layers:
@@ -361,32 +417,48 @@ def _transforming(container: Any) -> Callable[..., Any]:
 
 # -- the parity guard --------------------------------------------------------------------------
 
-# Tolerances on the probe's raw logits (max absolute difference), by the generation dtype. The
-# kernels fuse and reorder arithmetic, so bit-equality is not expected; these are a few units in
-# the last place of each format at logit magnitudes around 10.
-LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# The probe compares log-probabilities (log-softmax of each step's logits): a shift common to a
+# row's logits changes no sampling, so it is no difference. Allowed per row and step: PARITY_EPS
+# times the dtype's epsilon times the row's largest |logit| (at least 1), since rounding errors
+# scale with both (one bf16 step at logit 8 is 0.0625). Measured on CPU: bf16 and fp16 generation
+# of SmolLM2-135M (30 layers) differs from fp32 by up to 2.4 of these units, tiny models by under
+# 1; two implementations in one format can each be that far from exact, so 8 leaves a margin.
+PARITY_EPS = 8.0
 PROBE_ROWS = 2
 PROBE_NEW_TOKENS = 4
+
+
+def logprob_tolerance(dtype: torch.dtype, magnitude: float | torch.Tensor) -> float | torch.Tensor:
+    """How far two computations in ``dtype`` may differ in log-probability where |logits| reach ``magnitude``."""
+    if isinstance(magnitude, torch.Tensor):
+        return PARITY_EPS * torch.finfo(dtype).eps * magnitude.clamp(min=1.0)
+    return PARITY_EPS * torch.finfo(dtype).eps * max(magnitude, 1.0)
 
 
 @dataclass(frozen=True)
 class ParityReport:
     tokens_equal: bool
     first_mismatch: int | None  # index of the first new token that differs, over the probe rows
-    max_logit_diff: float  # over the steps up to and including the first mismatch
-    tolerance: float
+    max_logprob_diff: float  # at the row and step furthest over (or closest to) its tolerance
+    tolerance: float  # that row and step's tolerance (``logprob_tolerance``)
+    dtype: torch.dtype
+    nonfinite: str | None = None  # which path gave NaN/inf logits, and at which new token
 
     @property
     def passed(self) -> bool:
-        return self.tokens_equal and self.max_logit_diff <= self.tolerance
+        return self.tokens_equal and self.nonfinite is None and self.max_logprob_diff <= self.tolerance
 
     def describe(self) -> str:
-        where = (
-            "greedy tokens equal"
-            if self.first_mismatch is None
-            else f"first differing new token at position {self.first_mismatch}"
-        )
-        return f"max |logit diff| {self.max_logit_diff:.3g} (tolerance {self.tolerance:g}), {where}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        numbers = f"max |log-prob diff| {self.max_logprob_diff:.3g} (tolerance {self.tolerance:.3g} for {dtype})"
+        if self.nonfinite is not None:
+            numbers = f"non-finite logits from the {self.nonfinite}: {numbers}"
+        if self.first_mismatch is None:
+            return f"{numbers}, greedy tokens equal"
+        where = f"first differing new token at position {self.first_mismatch}"
+        if self.nonfinite is None and self.max_logprob_diff <= self.tolerance:
+            where += " (a near-tie: the log-probs agree within the tolerance, greedy picked differently)"
+        return f"{numbers}, {where}"
 
 
 def compare_paths(
@@ -395,11 +467,15 @@ def compare_paths(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
+    dtype: torch.dtype,
     new_tokens: int = PROBE_NEW_TOKENS,
-    tolerance: float,
     **extra: Any,
 ) -> ParityReport:
-    """Greedy generation of ``new_tokens`` through two paths (``generate``-like callables), compared."""
+    """Greedy generation of ``new_tokens`` through two paths (``generate``-like callables), compared.
+
+    ``dtype``: the format both paths compute in, which sets the tolerance. ``reference`` is the
+    trusted path: its logits set the magnitude the tolerance scales with.
+    """
     kwargs: dict[str, Any] = dict(
         input_ids=input_ids,
         max_new_tokens=new_tokens,
@@ -418,14 +494,27 @@ def compare_paths(
     steps = min(got_new.shape[1], want_new.shape[1], len(got.logits), len(want.logits))
     differs = (got_new[:, :steps] != want_new[:, :steps]).any(dim=0).nonzero()
     first = int(differs[0]) if len(differs) else (None if got_new.shape == want_new.shape else steps)
-    # Past the first differing token the two paths see different inputs: compare logits up to it.
+    # Past the first differing token the two paths see different inputs: compare up to it.
     compared = steps if first is None else min(first + 1, steps)
-    diff = 0.0
+    worst_diff, worst_tolerance, worst_ratio = 0.0, logprob_tolerance(dtype, 1.0), -1.0
+    nonfinite = None
     for step in range(compared):
-        diff = max(diff, (got.logits[step].float() - want.logits[step].float()).abs().max().item())
-    if not torch.isfinite(torch.tensor(diff)):
-        diff = float("inf")
-    return ParityReport(first is None, first, diff, tolerance)
+        got_logits, want_logits = got.logits[step].float(), want.logits[step].float()
+        got_logprobs, want_logprobs = got_logits.log_softmax(-1), want_logits.log_softmax(-1)
+        # Equal entries (a -inf both paths mask) are no difference; NaN anywhere in a row makes it NaN.
+        diff = torch.where(got_logprobs == want_logprobs, 0.0, (got_logprobs - want_logprobs).abs()).amax(-1)
+        magnitude = torch.where(want_logits.isfinite(), want_logits.abs(), 0.0).amax(-1)
+        tolerance = logprob_tolerance(dtype, magnitude)
+        if nonfinite is None and not diff.isfinite().all():
+            # Python's max() would drop a NaN (NaN > x is False): name it instead of reporting 0.
+            path = "candidate path" if not got_logits.isfinite().all() else "reference path"
+            nonfinite = f"{path} at new token {step}"
+            worst_diff, worst_tolerance, worst_ratio = float("inf"), float(tolerance.min()), float("inf")
+        ratio = diff / tolerance
+        row = int(torch.nan_to_num(ratio, nan=float("inf")).argmax())
+        if nonfinite is None and float(ratio[row]) > worst_ratio:
+            worst_diff, worst_tolerance, worst_ratio = float(diff[row]), float(tolerance[row]), float(ratio[row])
+    return ParityReport(first is None, first, worst_diff, worst_tolerance, dtype, nonfinite)
 
 
 class KernelParityError(RuntimeError):
@@ -475,7 +564,7 @@ class KernelRouting:
         ``generate`` is the model's own ``generate`` (the portable path when no kernel path is active).
         """
         if self.guard.due():
-            report = self._check(generate, kwargs, LOGIT_TOLERANCE.get(dtype, LOGIT_TOLERANCE[torch.float32]))
+            report = self._check(generate, kwargs, dtype)
             stats.kernel_checks += 1
             self.reports.append(report)
             if not _all_ranks_agree(report.passed):
@@ -496,7 +585,7 @@ class KernelRouting:
         with self.path.active():
             return generate(**kwargs)
 
-    def _check(self, generate: Callable[..., Any], kwargs: dict[str, Any], tolerance: float) -> ParityReport:
+    def _check(self, generate: Callable[..., Any], kwargs: dict[str, Any], dtype: torch.dtype) -> ParityReport:
         ids = kwargs["input_ids"][:PROBE_ROWS]
         mask = kwargs.get("attention_mask")
         mask = mask[:PROBE_ROWS] if isinstance(mask, torch.Tensor) else None
@@ -506,4 +595,4 @@ class KernelRouting:
             with self.path.active():
                 return generate(**probe)
 
-        return compare_paths(through_kernels, generate, ids, mask, tolerance=tolerance, **extra)
+        return compare_paths(through_kernels, generate, ids, mask, dtype=dtype, **extra)

@@ -21,6 +21,7 @@ from helpers import (
     prompts,
     tiny_bloom,
     tiny_gpt2,
+    tiny_gpt_neo,
     tiny_gptj,
     tiny_llama,
     tiny_neox,
@@ -30,12 +31,16 @@ from helpers import (
 
 from lightning_hybrid import GenerationStats, HybridEngineStrategy
 from lightning_hybrid.kernels import (
+    PARITY_EPS,
+    PROBE_ROWS,
     KernelParityError,
     KernelRefused,
     KernelRouting,
     ParityGuard,
     base_model,
     compare_paths,
+    kernel_refusal,
+    logprob_tolerance,
     select_backend,
 )
 
@@ -104,18 +109,32 @@ def test_auto_is_said_once_per_strategy(caplog):
     assert strategy.backend == "torch"
 
 
+CACHE_REFUSAL = "takes its KV cache as a transformers Cache object (argument `{}`)"
+
+
 @pytest.mark.parametrize(
     "make_model,expected",
     [
-        (tiny_llama, ["'llama'", "Cache object", "DeepSpeed issues 6522, 5388 and 4788"]),
-        (tiny_opt, ["'opt'", "legacy tuple-cache", "populate_all_inference_policies"]),
+        (tiny_llama, ["'llama'", CACHE_REFUSAL.format("cache"), "DeepSpeed issues 6522, 5388 and 4788"]),
+        (tiny_opt, ["'opt'", CACHE_REFUSAL.format("cache"), "populate_all_inference_policies"]),
+        (tiny_gptj, ["'gptj'", CACHE_REFUSAL.format("cache"), "HFGPTJLayerPolicy", "tests/cuda/run.sh"]),
+        (tiny_gpt_neo, ["'gpt_neo'", CACHE_REFUSAL.format("layer_past"), "HFGPTNEOLayerPolicy", "tests/cuda/run.sh"]),
         (tiny_qwen2, ["no inference policy for 'qwen2'", "silently fall back", "DeepSpeed issue 4954"]),
         (tiny_gpt2, ["'gpt2'", "HFGPT2LayerPolicy", "inference-only"]),
         # DeepSpeed's policy itself fails on these transformers layers (measured, no GPU needed):
         (tiny_neox, ["GPTNEOXLayerPolicy cannot read transformers", "GPTNeoXLayer", "no attribute 'hidden_size'"]),
         (tiny_bloom, ["BLOOMLayerPolicy cannot read transformers", "BLOOM inference with DeepSpeed is no longer"]),
     ],
-    ids=["llama-cache-api", "opt-cache-api", "no-policy", "inference-only-policy", "neox-policy", "bloom-policy"],
+    ids=[
+        "llama-cache-api",
+        "opt-cache-api",
+        "gptj-cache-api",
+        "gpt-neo-cache-api",
+        "no-policy",
+        "inference-only-policy",
+        "neox-policy",
+        "bloom-policy",
+    ],
 )
 def test_deepspeed_on_cuda_refuses_known_breaks_with_reason_and_upstream(make_model, expected):
     with pytest.raises(KernelRefused) as error:
@@ -130,21 +149,33 @@ def test_deepspeed_on_cuda_refuses_known_breaks_with_reason_and_upstream(make_mo
     assert backend == "torch" and expected[-1] in why
 
 
+@pytest.mark.parametrize("make_model,argument", [(tiny_gptj, "cache"), (tiny_gpt_neo, "layer_past")])
+def test_gptj_and_gpt_neo_are_refused_for_the_cache_their_layers_take(make_model, argument):
+    """transformers 5's GPT-J and GPT-Neo layers take a Cache (GPT-Neo as `layer_past`): no kernels, and why.
+
+    A GPU run showed their kernels generating wrong tokens (GPT-J) or failing (GPT-Neo) on such layers.
+    """
+    import transformers
+
+    actor = add_peft_lora(make_model(), targets=("q_proj", "v_proj"))
+    reason = kernel_refusal(actor)
+    layer = type(base_model(actor).transformer.h[0]).__name__
+    assert reason is not None, f"{layer} takes a transformers Cache, yet DeepSpeed's kernels were not refused"
+    assert reason.startswith(
+        f"transformers {transformers.__version__}'s {layer} ({base_model(actor).config.model_type!r}) takes its KV"
+        f" cache as a transformers Cache object (argument `{argument}`)"
+    )
+    assert "legacy tuple-cache contract" in reason and "never update the Cache" in reason
+    backend, why = select_backend("auto", CUDA, actor)
+    assert backend == "torch" and f"(argument `{argument}`)" in why
+
+
 def test_deepspeed_refuses_lora_the_kernels_cannot_see():
     from peft import LoraConfig, get_peft_model
 
     dora = get_peft_model(tiny_gptj(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(KernelRefused, match=r"LoRA layers \['Linear'\] use a variant \(DoRA"):
         select_backend("deepspeed", CUDA, dora)
-
-
-def test_unrefused_architecture_gets_kernels_only_when_asked():
-    actor = add_peft_lora(tiny_gptj(), targets=("q_proj", "v_proj"))
-    backend, why = select_backend("deepspeed", CUDA, actor)
-    assert backend == "deepspeed" and "not yet verified" in why and "parity guard" in why
-    backend, why = select_backend("auto", CUDA, actor)
-    assert backend == "torch"
-    assert "no verified DeepSpeed kernel path for 'gptj'" in why
 
 
 def test_kernel_check_interval_is_validated():
@@ -170,25 +201,128 @@ def test_guard_checks_the_first_and_every_nth_generation(interval, due):
     assert [guard.due() for _ in range(7)] == due
 
 
+def through(path):
+    """``generate`` of the path's model, with the path active around it."""
+
+    def generate(**kwargs):
+        with path.active():
+            return path.model.generate(**kwargs)
+
+    return generate
+
+
 def test_compare_paths_catches_a_corrupted_path_and_passes_an_equal_one():
     model = tiny_llama()
     ids, mask = prompts(batch=2)
 
-    def through(path):
-        def generate(**kwargs):
-            with path.active():
-                return model.generate(**kwargs)
+    same = compare_paths(through(EqualPath(model)), model.generate, ids, mask, dtype=torch.float32)
+    assert same.passed and same.tokens_equal and same.first_mismatch is None and same.max_logprob_diff == 0.0
 
-        return generate
-
-    same = compare_paths(through(EqualPath(model)), model.generate, ids, mask, tolerance=1e-3)
-    assert same.passed and same.tokens_equal and same.first_mismatch is None and same.max_logit_diff == 0.0
-
-    bad = compare_paths(through(CorruptedPath(model)), model.generate, ids, mask, tolerance=1e-3)
+    bad = compare_paths(through(CorruptedPath(model)), model.generate, ids, mask, dtype=torch.float32)
     assert not bad.passed and not bad.tokens_equal
-    assert bad.first_mismatch == 0 and bad.max_logit_diff > 1.0
-    assert bad.describe().startswith(f"max |logit diff| {bad.max_logit_diff:.3g} (tolerance 0.001)")
+    assert bad.first_mismatch == 0 and bad.max_logprob_diff > 1.0
+    assert bad.describe().startswith(
+        f"max |log-prob diff| {bad.max_logprob_diff:.3g} (tolerance {bad.tolerance:.3g} for float32)"
+    )
     assert bad.describe().endswith("first differing new token at position 0")
+
+
+def test_compare_paths_names_nan_logits_instead_of_reporting_no_difference():
+    """NaN logits (a broken fp16 kernel) change the greedy tokens: the report must not say the logits agree."""
+    model = tiny_llama()
+    ids, mask = prompts(batch=2)
+    broken = CorruptedPath(model, scale=float("nan"))  # every head weight NaN while active
+
+    report = compare_paths(through(broken), model.generate, ids, mask, dtype=torch.float32)
+
+    assert not report.passed and report.nonfinite == "candidate path at new token 0"
+    assert report.max_logprob_diff == float("inf")
+    assert report.describe().startswith(
+        "non-finite logits from the candidate path at new token 0: max |log-prob diff| inf"
+    )
+    assert "max |log-prob diff| 0 " not in report.describe()
+
+
+def bf16_llama(attn_implementation: str, head_scale: float = 16.0) -> torch.nn.Module:
+    """A bf16 tiny Llama whose logits reach ~8 (the head scaled up), as a trained model's do."""
+    model = tiny_llama(attn_implementation=attn_implementation).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def test_compare_paths_passes_bf16_rounding_and_fails_a_real_divergence():
+    """Two bf16 implementations (eager and SDPA attention) differ only by rounding: they pass.
+
+    A real divergence that keeps every greedy token (logits sharpened by 1.25, a temperature change)
+    fails on the log-probs alone.
+    """
+    ids, mask = prompts(batch=2)
+    reference = bf16_llama("sdpa").generate
+
+    rounding = compare_paths(bf16_llama("eager").generate, reference, ids, mask, dtype=torch.bfloat16, pad_token_id=0)
+    assert rounding.passed, rounding.describe()
+    assert 0.0 < rounding.max_logprob_diff <= rounding.tolerance
+
+    sharper = compare_paths(
+        bf16_llama("sdpa", head_scale=16.0 * 1.25).generate, reference, ids, mask, dtype=torch.bfloat16, pad_token_id=0
+    )
+    assert sharper.tokens_equal and not sharper.passed, sharper.describe()
+    assert sharper.max_logprob_diff > sharper.tolerance
+
+
+def test_parity_tolerance_is_derived_from_the_dtype_and_the_logits_magnitude():
+    eps = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    for dtype in eps:
+        assert logprob_tolerance(dtype, 8.0) == PARITY_EPS * eps[dtype] * 8.0
+        assert logprob_tolerance(dtype, 0.1) == logprob_tolerance(dtype, 1.0)  # small logits: absolute floor
+    # One bf16 step at logit 8 is 0.0625: the tolerance must allow more than one step.
+    assert logprob_tolerance(torch.bfloat16, 8.0) > 0.0625
+    assert logprob_tolerance(torch.float32, 8.0) < logprob_tolerance(torch.float16, 8.0)
+    assert logprob_tolerance(torch.float16, 8.0) < logprob_tolerance(torch.bfloat16, 8.0)
+
+
+class RowsSeen(EqualPath):
+    """An unchanged path that records how many rows the first decoder layer's first forward of each block gets.
+
+    That forward is where DeepSpeed's kernel layer sizes its workspace, and ``KernelPath`` re-arms it
+    for every block.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.rows: list[int] = []
+
+    @contextmanager
+    def active(self):
+        first_layer = base_model(self.model).model.layers[0]
+        seen: list[int] = []
+        handle = first_layer.register_forward_pre_hook(
+            lambda _, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+            with_kwargs=True,
+        )
+        try:
+            with super().active():
+                yield
+        finally:
+            handle.remove()
+        self.rows.append(seen[0])
+
+
+def test_each_kernel_block_first_sees_its_own_calls_rows():
+    """The parity probe (2 rows) and the real call (4 prompts x 2 sequences) each get their own block.
+
+    DeepSpeed sizes the kernels' workspace at the first forward of a block: were the probe's block
+    the only one sized, the 8-row call would write past a 2-row workspace.
+    """
+    model = tiny_llama()
+    ids, mask = prompts(batch=4)
+    path = RowsSeen(model)
+    routing = KernelRouting(path, ParityGuard(1), on_mismatch="raise")
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    for _ in range(2):
+        routing.generate(model.generate, dict(call), GenerationStats(), torch.float32)
+    assert path.rows == [PROBE_ROWS, 8, PROBE_ROWS, 8]
 
 
 def test_routing_checks_on_interval_and_generates_through_the_path():
@@ -239,7 +373,7 @@ def corrupted_kernels_fit(requested: str, tmp_path, steps: int = 2, interval: in
 
 def test_auto_falls_back_to_the_portable_path_with_one_warning_and_a_metric(tmp_path):
     with pytest.warns(
-        UserWarning, match=r"DeepSpeed's kernels disagree with the portable path \(max \|logit diff\|"
+        UserWarning, match=r"DeepSpeed's kernels disagree with the portable path \(max \|log-prob diff\|"
     ) as seen:
         want, record, strategy = corrupted_kernels_fit("auto", tmp_path, steps=3)
     fallbacks = [w for w in seen if "disagree" in str(w.message)]
@@ -260,6 +394,6 @@ def test_deepspeed_raises_with_the_numbers_when_the_kernels_disagree(tmp_path):
         corrupted_kernels_fit("deepspeed", tmp_path, steps=1)
     message = str(error.value)
     assert "DeepSpeed's kernels disagree with the portable path" in message
-    assert "max |logit diff|" in message and "(tolerance 0.001)" in message
+    assert "max |log-prob diff|" in message and " for float32)" in message
     assert "first differing new token at position 0" in message
     assert "Use inference_backend='torch'" in message
