@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .hf import base_model
 from .lora import is_peft_lora, peft_fusable
 
 KERNEL_BACKEND = "deepspeed"
@@ -101,11 +102,6 @@ CACHE_EVIDENCE = (
 
 class KernelRefused(ValueError):
     """``inference_backend="deepspeed"`` asked for kernels that cannot serve this model."""
-
-
-def base_model(module: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PEFT wrapper (or the module itself)."""
-    return getattr(module, "get_base_model", lambda: module)()
 
 
 def architecture(module: nn.Module) -> str:

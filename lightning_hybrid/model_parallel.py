@@ -188,17 +188,22 @@ def data_parallel_rank(engine: Any) -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's raw bytes, any dtype (numpy has no bfloat16)."""
+    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 def check_same_request(group: Any, prompt: torch.Tensor, kwargs: dict[str, Any]) -> None:
     """The ranks of a TP group compute every forward together: they must ask for the same generation.
 
     Raises on every rank of the group (with what differs) instead of letting mismatched
     collectives hang or mix rows.
     """
-    digest = hashlib.sha256(prompt.detach().cpu().contiguous().numpy().tobytes())
+    digest = hashlib.sha256(tensor_bytes(prompt))
     settings = sorted((k, repr(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))
     for key in sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor)):
         digest.update(key.encode())
-        digest.update(kwargs[key].detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor_bytes(kwargs[key]))
     mine = (tuple(prompt.shape), digest.hexdigest(), repr(settings))
     everyone: list[Any] = [None] * torch_dist.get_world_size(group)
     torch_dist.all_gather_object(everyone, mine, group=group)
@@ -264,7 +269,7 @@ def _fingerprint(value: Any) -> str:
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             digest.update(repr((tuple(leaf.shape), leaf.dtype)).encode())
-            digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor_bytes(leaf))
         else:
             digest.update(repr(leaf).encode())
     return digest.hexdigest()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hf import base_model
 from .prefix_cache import PromptGroups, position_ids, prefill, takes_keyword
 from .workspace import cache_kwarg
 
@@ -172,7 +173,7 @@ def _largest_group(groups: PromptGroups) -> int:
 
 def _packable(model: nn.Module, packed_length: int) -> bool:
     """Whether the one-forward packed path applies: a verified model type with a plain attention kernel."""
-    base = getattr(model, "get_base_model", lambda: model)()
+    base = base_model(model)
     config = getattr(base, "config", None)
     return (
         packed_length <= PACKED_MAX_LENGTH

@@ -372,9 +372,12 @@ class HybridEngineCore:
         engine = self.hybrid_engine
         module = engine.generation_module
         params = missing_params(module.parameters(), engine) if engine.Z3_enabled else []
+        sliced = self.settings.training_tp_size > 1 or self.mpu is not None
         with GatheredParameters(params, enabled=bool(params)):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-            if self.settings.training_tp_size > 1 or self.mpu is not None:  # AutoTP slices, made whole
+            state = None
+            if self.is_global_zero or sliced:  # only rank 0 writes; AutoTP slices are made whole by every rank
+                state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            if sliced:
                 state = gather_tensor_parallel_state(module, state)
         if self.is_global_zero:
             write_hf_directory(module, state, Path(directory), merge_lora)

@@ -153,3 +153,14 @@ def test_batch_fingerprints_read_nested_batches():
     assert _fingerprint(batch) == _fingerprint(([ids.clone(), torch.ones_like(ids)], 0))
     assert _fingerprint(batch) != _fingerprint(([ids + 1, torch.ones_like(ids)], 0))
     assert _fingerprint(batch) != _fingerprint(([ids, torch.ones_like(ids)], 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.int64])
+def test_request_fingerprints_take_any_dtype(dtype):
+    """A tensor-parallel group compares its ranks' generate() arguments by their bytes: bf16 embeddings included
+    (numpy, which the comparison went through, has no bfloat16)."""
+    from lightning_hybrid.model_parallel import tensor_bytes
+
+    tensor = torch.arange(6).reshape(2, 3).to(dtype)
+    assert len(tensor_bytes(tensor)) == tensor.numel() * tensor.element_size()
+    assert tensor_bytes(tensor) == tensor_bytes(tensor.clone()) != tensor_bytes(torch.zeros_like(tensor))
