@@ -174,8 +174,9 @@ MISMATCH = """
 import lightning_hybrid
 from lightning.fabric import Fabric
 from lightning.pytorch import Trainer
-for make in (lambda: Trainer(accelerator="cpu", devices=1, strategy=lightning_hybrid.HybridEngineStrategy(), logger=False),
-             lambda: Fabric(accelerator="cpu", devices=1, strategy=lightning_hybrid.fabric.HybridEngineStrategy())):
+trainer = lambda: Trainer(accelerator="cpu", devices=1, strategy=lightning_hybrid.HybridEngineStrategy(), logger=False)
+fabric = lambda: Fabric(accelerator="cpu", devices=1, strategy=lightning_hybrid.fabric.HybridEngineStrategy())
+for make in (trainer, fabric):
     try:
         make()
         print("ACCEPTED")
