@@ -359,18 +359,19 @@ def _config_files(args: list[str]) -> Iterator[Any]:
 
 
 def trainer_defaults(args: list[str]) -> dict[str, Any]:
-    """`TRAINER_DEFAULTS`, less their strategy where a ``--config`` file names a strategy class of its own.
+    """`TRAINER_DEFAULTS`, less their strategy's settings where a ``--config`` file names a strategy class.
 
     jsonargparse merges a config file's ``init_args`` into the default's when both name the same
     class: the default's CPU-tuned DeepSpeed ``config`` and ``zero3_leaf_modules`` would then leak
     into a file that never asked for them (and with a ``config``, Lightning ignores the file's own
     ``stage``). A file that names the ``class_path`` states the whole strategy; one that sets only
-    ``init_args`` tunes the default's.
+    ``init_args`` tunes the default's. The class stays the default, so that command-line settings of the
+    strategy (``--trainer.strategy.init_args.x=...``) work before the ``--config`` as after it.
     """
     for config in _config_files(args):
         strategy = (config.get("trainer") or {}).get("strategy") if isinstance(config, dict) else None
         if isinstance(strategy, str) or (isinstance(strategy, dict) and "class_path" in strategy):
-            return {k: v for k, v in TRAINER_DEFAULTS.items() if k != "strategy"}
+            return {**TRAINER_DEFAULTS, "strategy": {"class_path": TRAINER_DEFAULTS["strategy"]["class_path"]}}
     return TRAINER_DEFAULTS
 
 

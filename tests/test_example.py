@@ -171,8 +171,11 @@ def test_a_config_that_sets_only_init_args_tunes_the_default_strategy(print_conf
     replaced.write_text(
         "trainer:\n  strategy:\n    class_path: lightning_hybrid.HybridEngineStrategy\n    init_args:\n      stage: 2\n"
     )
-    settings = yaml.safe_load(print_config(f"--config={replaced}"))["trainer"]["strategy"]["init_args"]
+    # A command-line setting before the --config still applies (merged as jsonargparse does for one class).
+    text = print_config("--trainer.strategy.init_args.max_out_tokens=64", f"--config={replaced}")
+    settings = yaml.safe_load(text)["trainer"]["strategy"]["init_args"]
     assert settings["stage"] == 2 and settings["config"] is None and settings["zero3_leaf_modules"] is None
+    assert settings["max_out_tokens"] == 64
 
 
 FABRIC_EXAMPLE = ROOT / "examples" / "rlhf_fabric.py"
