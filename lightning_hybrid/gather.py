@@ -84,6 +84,13 @@ def missing_params(params, engine: nn.Module) -> list[torch.Tensor]:
     return [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
 
 
+def released_copies(params: list[torch.Tensor]) -> set[int]:
+    """Ids of the gathered ``params`` whose data is a copy that releasing them throws away (LoRA may fuse into it
+    in place). Not so where ZeRO-3 partitions over one rank: its "gather" then points the data at the partition
+    itself, the weights training goes on with."""
+    return {id(p) for p in params if p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr()}
+
+
 def zero3_offload(engine: nn.Module):
     """The object that owns ZeRO-3's module hooks (optimizer or inference-only offload)."""
     optimizer = getattr(engine, "optimizer", None)
@@ -306,7 +313,7 @@ class PinnedGather:
             for param in to_gather:
                 if id(param) not in self.trainable:
                     self.cache.store(param)
-        self.fusion.disposable = {id(p) for p in to_gather}  # released after the context: fused in place
+        self.fusion.disposable = released_copies(to_gather)  # thrown away after the context: fused in place
         self.fuse_s = _timed(self.fusion.fuse, lora_modules(modules))
         self._plain_dicts = PlainParameterDicts(modules)
 
@@ -378,7 +385,7 @@ class LayerwiseGather:
         self._other.__enter__()
         in_groups = {id(m) for group in self.groups for layer in group for m in layer.modules()}
         outside = [m for m in lora_modules(self.module) if id(m) not in in_groups]
-        self.other_fusion.disposable = {id(p) for p in self.other}
+        self.other_fusion.disposable = released_copies(self.other)
         self.fuse_s += _timed(self.other_fusion.fuse, outside)
         for group in self.groups:
             self._handles.append(group[0].register_forward_pre_hook(lambda *_, g=group: self._open_group(g)))
@@ -390,7 +397,7 @@ class LayerwiseGather:
         params = missing_params([p for layer in group for p in layer.parameters()], self.engine)
         gathered = GatheredParameters(params)
         self.layer_gather_s += _timed(gathered.__enter__)
-        fusion = LoraFusion(disposable={id(p) for p in params})
+        fusion = LoraFusion(disposable=released_copies(params))
         self.fuse_s += _timed(fusion.fuse, [m for layer in group for m in lora_modules(layer)])
         self._open = (gathered, fusion)
         self.max_layers_materialized = max(self.max_layers_materialized, len(group))

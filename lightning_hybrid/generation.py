@@ -83,10 +83,12 @@ def resolve_generation_config(module: nn.Module, kwargs: dict[str, Any]) -> Gene
 def _generate_signature(model: nn.Module) -> inspect.Signature:
     """The class's ``generate`` signature (the instance's is the context's wrapper); transformers' own where the
     class passes ``*args`` through."""
-    signature = inspect.signature(type(model).generate)
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
-        signature = inspect.signature(GenerationMixin.generate)
-    return signature
+    own = getattr(type(model), "generate", None)  # a PEFT tuner (LoraModel) forwards it from the instance only
+    if own is not None:
+        signature = inspect.signature(own)
+        if not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+            return signature
+    return inspect.signature(GenerationMixin.generate)
 
 
 def with_settings(kwargs: dict[str, Any], **settings: Any) -> None:
