@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from .metrics import GenerationStats
 from .strategy_core import CHECKPOINT_KEY, HybridEngineCore, cpu_root_device, use_plain_gloo
+from .zero_init import keep_class_decorators
 
 __all__ = ["HybridEngineStrategy"]
 
@@ -82,7 +84,11 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
             self._format_config()
             self._config_initialized = True
 
-    # -- engine construction: fabric.setup(model, optimizer) ------------------------------
+    # -- engine construction: fabric.init_module(), fabric.setup(model, optimizer) -----------
+    def module_sharded_context(self) -> AbstractContextManager:
+        # Lightning's zero.Init, keeping the decorators of model classes first imported inside it (zero_init.py).
+        return keep_class_decorators(super().module_sharded_context())
+
     def setup_module_and_optimizers(self, module: nn.Module, optimizers: list, scheduler: Any = None):
         self._fabric = _calling_fabric(self)
         return super().setup_module_and_optimizers(module, optimizers, scheduler)

@@ -31,6 +31,7 @@ from torch import nn
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 from .model_parallel import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
 from .strategy_core import HybridEngineCore, cpu_root_device, use_plain_gloo
+from .zero_init import keep_class_decorators
 
 
 class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
@@ -99,13 +100,16 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
 
     @contextmanager
     def model_sharded_context(self) -> Iterator[None]:
-        # Lightning's, plus the user's mpu: ZeRO-3 then partitions over the data-parallel group.
+        # Lightning's, plus the user's mpu: ZeRO-3 then partitions over the data-parallel group; and the
+        # decorators of model classes first imported inside it kept (zero_init.py).
         self._init_config_if_needed()
-        with deepspeed.zero.Init(
-            enabled=self.zero_stage_3,
-            remote_device=self.remote_device,
-            config_dict_or_path=self.config,
-            **zero_init_kwargs(self.mpu),
+        with keep_class_decorators(
+            deepspeed.zero.Init(
+                enabled=self.zero_stage_3,
+                remote_device=self.remote_device,
+                config_dict_or_path=self.config,
+                **zero_init_kwargs(self.mpu),
+            )
         ):
             yield
 

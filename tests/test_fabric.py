@@ -160,3 +160,61 @@ def test_fabric_save_holds_unfused_weights_and_load_resumes_exactly(tmp_path):
     for step in (2, 3):
         assert torch.equal(resumed_samples[step], samples[step]), step  # the sampling stream resumed too
         assert resumed_losses[step] == losses[step], step
+
+
+FIRST_IMPORT_INSIDE_ZERO_INIT = """
+import sys
+
+import torch
+from lightning.fabric import Fabric
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+import lightning_hybrid
+from lightning_hybrid.fabric import HybridEngineStrategy
+
+for name in ("qwen2", "mistral"):
+    assert f"transformers.models.{name}.modeling_{name}" not in sys.modules, name
+size = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "zero_allow_untested_optimizer": True, "train_micro_batch_size_per_gpu": 1}
+
+
+def check(cfg, sharded_context):
+    with sharded_context():  # the model's module is first imported here
+        sharded = AutoModelForCausalLM.from_config(cfg)
+    plain = AutoModelForCausalLM.from_config(cfg)  # the same classes, outside zero.Init
+    with sharded_context():
+        again = AutoModelForCausalLM.from_config(cfg)
+    for model, partitioned in ((sharded, True), (plain, False), (again, True)):
+        assert all(hasattr(p, "ds_id") == partitioned for p in model.parameters())
+        attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+        assert attention and all(hasattr(m, "_kernel_funcs") for m in attention), type(model).__name__
+    plain(torch.tensor([[1, 2, 3]]))  # failed: AttributeError: ... no attribute '_kernel_funcs'
+    print("KEPT", type(plain).__name__)
+
+
+fabric = Fabric(accelerator="cpu", devices=1, strategy=HybridEngineStrategy(config=config))
+fabric.launch()
+check(Qwen2Config(**size), fabric.init_module)
+trainer_strategy = lightning_hybrid.HybridEngineStrategy(config=config)  # the process group is Fabric's
+check(MistralConfig(**size), trainer_strategy.model_sharded_context)
+"""
+
+
+def test_model_classes_first_imported_inside_zero_init_keep_their_decorators():
+    """transformers' ``use_kernelized_func`` (the ``kernels`` package) wraps an attention class's ``__init__``; a class
+    first imported inside ZeRO-3's ``zero.Init`` lost that wrapper when DeepSpeed restored its ``__init__`` on exit,
+    and a model built afterwards outside it failed its forward. Both front-ends' sharded contexts keep it (the models
+    still partitioned inside, not outside). A fresh process: the model classes must not be imported yet."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    env = subprocess_env()
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_IMPORT_INSIDE_ZERO_INIT], env=env, capture_output=True, text=True, timeout=180
+    )
+    kept = [line for line in out.stdout.splitlines() if line.startswith("KEPT")]
+    assert kept == ["KEPT Qwen2ForCausalLM", "KEPT MistralForCausalLM"], out.stdout[-2000:] + out.stderr[-4000:]
