@@ -33,6 +33,7 @@ from lightning.fabric.accelerators import CUDAAccelerator
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
 from torch import nn
+from typing_extensions import override
 
 from .metrics import GenerationStats
 from .strategy_core import CHECKPOINT_KEY, HybridEngineCore, cpu_root_device, use_plain_gloo
@@ -50,6 +51,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
     )
 
     # -- launcher and environment --------------------------------------------------------
+    @override
     def _configure_launcher(self) -> None:
         if self.mpu is not None or self.settings.training_tp_size > 1:  # at Fabric(...), before any process
             raise ValueError(
@@ -64,14 +66,17 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         return isinstance(self.accelerator, CUDAAccelerator)
 
     @property
+    @override
     def root_device(self) -> torch.device:
         return super().root_device if self._on_cuda else cpu_root_device(self.local_rank)
 
+    @override
     def setup_environment(self) -> None:
         if self._on_cuda:
             return super().setup_environment()
         DDPStrategy.setup_environment(self)  # DeepSpeedStrategy refuses anything but CUDA; this runs _setup_distributed
 
+    @override
     def _setup_distributed(self) -> None:
         if self._on_cuda:
             return super()._setup_distributed()
@@ -85,18 +90,22 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
             self._config_initialized = True
 
     # -- engine construction: fabric.init_module(), fabric.setup(model, optimizer) -----------
+    @override
     def module_sharded_context(self) -> AbstractContextManager:
         # Lightning's zero.Init, keeping the decorators of model classes first imported inside it (zero_init.py).
         return keep_class_decorators(super().module_sharded_context())
 
+    @override
     def setup_module_and_optimizers(self, module: nn.Module, optimizers: list, scheduler: Any = None):
         self._fabric = _calling_fabric(self)
         return super().setup_module_and_optimizers(module, optimizers, scheduler)
 
+    @override
     def setup_module(self, module: nn.Module):
         self._fabric = _calling_fabric(self)
         return super().setup_module(module)
 
+    @override
     def _initialize_engine(self, model: nn.Module, optimizer=None, scheduler=None):
         self._prepare_generation(model)
         with self._building_hybrid_engine():
@@ -109,11 +118,13 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
             fabric.log_dict({f"hybrid_engine/{k}": float(v) for k, v in stats.as_dict().items()})
 
     # -- checkpoints: fabric.save / fabric.load ----------------------------------------------
+    @override
     def save_checkpoint(self, path, state: dict[str, Any], storage_options: Any = None, filter: Any = None) -> None:
         self._refuse_inside_generation("fabric.save()")
         state = {**state, **self._engine_checkpoint_state()}
         super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
 
+    @override
     def load_checkpoint(self, path, state: Any = None, strict: bool = True, weights_only: bool | None = None):
         self._refuse_inside_generation("fabric.load()")
         remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)

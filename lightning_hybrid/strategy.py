@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import nn
+from typing_extensions import override
 
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 from .model_parallel import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
@@ -47,10 +48,12 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         return StepTimes()
 
     # -- launcher and environment --------------------------------------------------------
+    @override
     def _configure_launcher(self) -> None:
         self._check_before_launch()  # the earliest point where it is known, and still before any process
         super()._configure_launcher()
 
+    @override
     def connect(self, model) -> None:
         # Before any process exists: a model AutoTP cannot slice evenly fails here (or, built in
         # configure_model, in setup()).
@@ -59,6 +62,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         super().connect(model)
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, int]:
         # The ranks of a tensor-parallel group compute one batch together: shard by data-parallel rank.
         rank, size = data_parallel_rank_and_size(
@@ -71,14 +75,17 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         return isinstance(self.accelerator, CUDAAccelerator)
 
     @property
+    @override
     def root_device(self) -> torch.device:
         return super().root_device if self._on_cuda else cpu_root_device(self.local_rank)
 
+    @override
     def setup_environment(self) -> None:
         if self._on_cuda:
             return super().setup_environment()
         DDPStrategy.setup_environment(self)  # DeepSpeedStrategy refuses anything but CUDA
 
+    @override
     def setup_distributed(self) -> None:
         if self._on_cuda:
             return super().setup_distributed()
@@ -89,6 +96,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     # -- engine construction -------------------------------------------------------------
+    @override
     def setup(self, trainer) -> None:
         assert self.model is not None
         if self.settings.training_tp_size > 1:
@@ -99,6 +107,7 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         super().setup(trainer)
 
     @contextmanager
+    @override
     def model_sharded_context(self) -> Iterator[None]:
         # Lightning's, plus the user's mpu: ZeRO-3 then partitions over the data-parallel group; and the
         # decorators of model classes first imported inside it kept (zero_init.py).
@@ -113,10 +122,12 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         ):
             yield
 
+    @override
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer, lr_scheduler=None):
         with self._building_hybrid_engine():
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
+    @override
     def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
         # Lightning rebuilds the engine for validate()/predict() from a config reduced to
         # precision and ZeRO keys, dropping the hybrid engine. Keep it.
@@ -153,10 +164,12 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
             self._step_times.contexts.append(stats)
 
     # -- checkpoints ---------------------------------------------------------------------
+    @override
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         self._refuse_inside_generation("A checkpoint")
         super().save_checkpoint({**checkpoint, **self._engine_checkpoint_state()}, filepath, storage_options)
 
+    @override
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         self._restore_engine_checkpoint_state(checkpoint.get("hybrid_engine"))

@@ -200,3 +200,28 @@ def test_a_deepspeed_accelerator_other_than_lightnings_is_refused_with_the_fix()
     for line in lines:
         assert line.startswith("REFUSED") and "DeepSpeed's accelerator is 'cuda'" in line
         assert "DS_ACCELERATOR=cpu" in line
+
+
+def test_every_lightning_method_we_override_or_call_exists_in_the_installed_lightning():
+    """The strategies override and call private Lightning methods; a Lightning release that renames one must fail
+    here, by name, not deep inside a fit."""
+
+    from lightning.fabric.strategies import DeepSpeedStrategy as FabricDeepSpeedStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy
+
+    called = {
+        DeepSpeedStrategy: ("_init_deepspeed_distributed", "_init_config_if_needed", "set_world_ranks"),
+        FabricDeepSpeedStrategy: ("_init_deepspeed_distributed", "_format_config", "_set_world_ranks"),
+    }
+    for ours, base in (
+        (HybridEngineStrategy, DeepSpeedStrategy),
+        (FabricHybridEngineStrategy, FabricDeepSpeedStrategy),
+    ):
+        overridden = [
+            name for name, member in vars(ours).items() if getattr(getattr(member, "fget", member), "__override__", 0)
+        ]
+        assert len(overridden) >= 8, overridden
+        for name in (*overridden, *called[base]):
+            assert hasattr(base, name), f"{base.__module__}.{base.__name__} has no `{name}` any more"
