@@ -88,7 +88,7 @@ class HybridEngine(DeepSpeedHybridEngine):
         # WorkspaceOp() would JIT-compile DeepSpeed's CUDA inference ops for nothing.
         mark_leaves(model, settings.zero3_leaf_modules)  # read by ZeRO-3 as it hooks the modules
         DeepSpeedEngine.__init__(self, args, model, **kwargs)
-        if self._config.zero_config.stage == 3:
+        if self.zero_optimization_stage() == 3:
             keep_leaf_gradients(model)
         replace_batch_check(self)  # tensor-parallel training: one that reads Lightning's nested batches
         synced = get_accelerator().get_rng_state().to(get_accelerator().current_device_name())
@@ -96,7 +96,7 @@ class HybridEngine(DeepSpeedHybridEngine):
         get_accelerator().set_rng_state(synced.cpu())
         self.settings = settings  # the strategy's own object: the one source of every setting
         self.backend = backend  # "torch" (portable) or "deepspeed" (kernel containers), as select_backend picked
-        self.Z3_enabled = self._config.zero_config.stage == 3
+        self.Z3_enabled = self.zero_optimization_stage() == 3
         self.gather_all_layers = settings.pin_parameters  # DeepSpeedHybridEngine's name for it
         self._inference_containers, self._orig_modules, self._orig_fwds = [], [], []
         self.create_inference_module(generation_path)

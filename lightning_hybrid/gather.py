@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero import GatheredParameters
-from deepspeed.runtime.zero.linear import zero3_linear_wrap
-from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
+from .deepspeed_compat import ZeROOrderedDict, partition_stamp, wait_for_prefetch, zero3_hook_ids, zero3_linear_wrap
 from .lora import LoraFusion, lora_modules
 from .metrics import Stopwatch
 
@@ -73,14 +72,7 @@ def missing_params(params, engine: nn.Module) -> list[torch.Tensor]:
     params = [p for p in params if is_zero3_param(p)]
     inflight = [p for p in params if p.ds_status == ZeroParamStatus.INFLIGHT]
     if inflight:
-        coordinator = zero3_offload(engine).get_param_coordinator()
-        # Wait for ZeRO-3's own prefetch handles; they mark the params AVAILABLE, and ZeRO-3
-        # releases them on its schedule. The registry is private: fail loudly if it moved.
-        registry = getattr(coordinator, "_PartitionedParameterCoordinator__inflight_param_registry", None)
-        if registry is None:
-            raise RuntimeError("This DeepSpeed version hides ZeRO-3's in-flight parameters; please report it.")
-        for param in inflight:
-            registry.pop(param).wait()
+        wait_for_prefetch(engine, inflight)  # then AVAILABLE, and ZeRO-3 releases them on its schedule
     return [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
 
 
@@ -89,15 +81,6 @@ def released_copies(params: list[torch.Tensor]) -> set[int]:
     in place). Not so where ZeRO-3 partitions over one rank: its "gather" then points the data at the partition
     itself, the weights training goes on with."""
     return {id(p) for p in params if p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr()}
-
-
-def zero3_offload(engine: nn.Module):
-    """The object that owns ZeRO-3's module hooks (optimizer or inference-only offload)."""
-    optimizer = getattr(engine, "optimizer", None)
-    offload = getattr(optimizer, "parameter_offload", optimizer)
-    if offload is None or not hasattr(offload, "forward_hooks"):
-        raise RuntimeError("ZeRO-3 is enabled but the engine has no parameter offload holding its module hooks.")
-    return offload
 
 
 @contextmanager
@@ -125,10 +108,9 @@ class DetachedZeroHooks:
     """Takes ZeRO-3's hooks off ``modules`` (a model's ``modules()``); ``restore()`` puts them back in place."""
 
     def __init__(self, modules: list[nn.Module], engine: nn.Module) -> None:
-        offload = zero3_offload(engine)
         # Hook ids are unique in the process (RemovableHandle.next_id): a key is ZeRO-3's iff it is one
         # of its handles' ids. One pass over our modules' hook dicts, not one weakref per handle.
-        zero_ids = {handle.id for handle in (*offload.forward_hooks, *offload.backward_hooks)}
+        zero_ids = zero3_hook_ids(engine)
         # Per hook dict: its items as they were, and which of them are ZeRO-3's.
         self._detached: list[tuple[dict, list, set]] = []
         for m in modules:
@@ -210,21 +192,17 @@ class FrozenWeightCache:
     # per context, and the cached originals are never touched.
     fused_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    @staticmethod
-    def _stamp(param: torch.Tensor) -> tuple[int, int]:
-        return param.ds_tensor.data_ptr(), param.ds_tensor._version
-
     def lookup(self, param: torch.Tensor, frozen: bool) -> torch.Tensor | None:
         entry = self.entries.get(id(param))
         if entry is None:
             return None
-        if not frozen or entry[1:] != self._stamp(param):
+        if not frozen or entry[1:] != partition_stamp(param):
             del self.entries[id(param)]
             return None
         return entry[0]
 
     def store(self, param: torch.Tensor) -> None:
-        self.entries[id(param)] = (param.data.detach().clone(), *self._stamp(param))
+        self.entries[id(param)] = (param.data.detach().clone(), *partition_stamp(param))
 
     def clear(self) -> None:
         self.entries.clear()

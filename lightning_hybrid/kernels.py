@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .deepspeed_compat import arm_workspace, kernel_workspace, policy_layer_classes, reset_kernel_class_state
 from .hf import base_model
 from .lora import is_peft_lora, peft_fusable
 
@@ -117,14 +118,7 @@ def deepspeed_layer_policies() -> dict[type, type]:
     """
     from deepspeed.module_inject.replace_policy import replace_policies
 
-    table: dict[type, type] = {}
-    for policy in replace_policies:
-        policy(None)
-        layers = policy._orig_layer_class
-        for layer in layers if isinstance(layers, list) else [layers]:
-            if layer is not None:
-                table[layer] = policy
-    return table
+    return {layer: policy for policy in replace_policies for layer in policy_layer_classes(policy)}
 
 
 def policy_layers(module: nn.Module) -> list[tuple[nn.Module, type]]:
@@ -303,28 +297,12 @@ class KernelPath:
     def __init__(
         self, module: nn.Module, *, max_out_tokens: int, release_inference_cache: bool, transform_per_forward: bool
     ) -> None:
-        from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
-        from deepspeed.ops.transformer.inference.ds_attention import DeepSpeedSelfAttention
-        from deepspeed.ops.transformer.inference.ds_mlp import DeepSpeedMLP
-
         self.module = module
         self.release_inference_cache = release_inference_cache
         self.transform_per_forward = transform_per_forward
         model_config = base_model(module).config
 
-        # DeepSpeed keeps kernel state per class, not per model: layer counters (the attention's
-        # overwrites the layer's id, and tells the kernels which layer is last, where the token
-        # position advances), the workspace op (its dtype) and the buffers split Q/K/V and gate/up
-        # are merged into at every forward (their shape and dtype). All of it is set by the first
-        # kernel layer a process builds, so a second path (validate after fit, another dtype, a
-        # test after a test) would run with the first one's: layer 0 never sizing the workspace,
-        # positions never advancing, fp16 weights cast into an fp32 buffer. Start it afresh here.
-        # One kernel path is in use at a time per process.
-        DeepSpeedTransformerInference.layer_id = 0
-        DeepSpeedTransformerInference.workspace = None
-        DeepSpeedSelfAttention.num_layers = 0
-        DeepSpeedSelfAttention._qkv_buffers = []
-        DeepSpeedMLP._inter_w_buffers = []
+        reset_kernel_class_state()  # one kernel path is in use at a time per process
         self.layers: list[tuple[nn.Module, Any]] = []
         for layer_id, (layer, policy_class) in enumerate(policy_layers(module)):
             container = describe_layer(
@@ -335,8 +313,7 @@ class KernelPath:
             self.layers.append((layer, container))
         if not self.layers:
             raise RuntimeError(f"No DeepSpeed kernel container could be built for {architecture(module)!r}.")
-        # DeepSpeed's global inference workspace (the kernels' KV cache), as the kernel layers hold it.
-        self.workspace = DeepSpeedTransformerInference.workspace
+        self.workspace = kernel_workspace()
         self.kernel_modules = [container.module for _, container in self.layers]
 
     def _arm_workspace(self) -> None:
@@ -350,7 +327,7 @@ class KernelPath:
         rows layer 0 sees include ``num_return_sequences`` and beams, which the prompt does not show.
         """
         for module in self.kernel_modules:
-            module._should_allocate_workspace = True
+            arm_workspace(module)
 
     def _retake_workspace(self) -> None:
         # DeepSpeed's retake_inference_cache: only needed after a release.

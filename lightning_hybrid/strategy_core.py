@@ -31,6 +31,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from .config import HybridEngineSettings, InferenceBackend, KVCache, zero_stage
+from .deepspeed_compat import disable_shm_comm
 from .engine import HybridEngine, resolve_generation_module
 from .export import write_hf_directory
 from .gather import missing_params
@@ -58,7 +59,7 @@ def cpu_root_device(local_rank: int) -> torch.device:
 
 def use_plain_gloo() -> None:
     """DeepSpeed's shared-memory collective would JIT-compile for half a minute (and crashes under AutoTP)."""
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    disable_shm_comm()
 
 
 def check_deepspeed_accelerator(device: torch.device) -> None:

@@ -25,8 +25,7 @@ import types
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from deepspeed.runtime.zero import partition_parameters
-from torch import nn
+from .deepspeed_compat import ORIGINAL_INIT, module_classes, zero_init_active
 
 
 @contextmanager
@@ -36,18 +35,18 @@ def keep_class_decorators(zero_init: AbstractContextManager) -> Iterator[None]:
         try:
             yield
         finally:
-            if partition_parameters.top_level_context is not None:  # __init__s are wrapped now (ZeRO-3)
+            if zero_init_active():  # __init__s are wrapped now (ZeRO-3)
                 _restore_decorated_inits()
 
 
 def _restore_decorated_inits() -> None:
-    for cls in partition_parameters.get_all_subclasses(nn.Module):
-        init, original = cls.__dict__.get("__init__"), getattr(cls, "_old_init", None)
+    for cls in module_classes():
+        init, original = cls.__dict__.get("__init__"), getattr(cls, ORIGINAL_INIT, None)
         if init is None or original is None or getattr(init, "__wrapped__", None) is original:
             continue  # no __init__ of its own, never wrapped, or still DeepSpeed's wrapper
         unwrapped = _calling(init, original)
         if unwrapped is not None:
-            cls._old_init = unwrapped  # what DeepSpeed's exit puts back as __init__
+            setattr(cls, ORIGINAL_INIT, unwrapped)  # what DeepSpeed's exit puts back as __init__
 
 
 def _calling(function, original):

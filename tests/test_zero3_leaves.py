@@ -9,8 +9,9 @@ from torch import nn
 
 import lightning_hybrid.engine
 from lightning_hybrid import HybridEngineStrategy
+from lightning_hybrid.deepspeed_compat import zero3_offload
 from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy
-from lightning_hybrid.gather import missing_params, zero3_offload
+from lightning_hybrid.gather import missing_params
 from lightning_hybrid.zero3_leaves import leaf_classes
 
 
