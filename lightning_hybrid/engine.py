@@ -24,7 +24,7 @@ from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
 from torch import nn
 
 from .config import HybridEngineSettings
-from .gather import FrozenWeightCache, LayerwiseGather, NoGather, PinnedGather
+from .gather import FrozenWeightCache, LayerwiseGather, Materializer, NoGather, PinnedGather
 from .kernels import KERNEL_BACKEND, KernelPath, KernelRouting, ParityGuard, select_backend
 from .model_parallel import data_parallel_rank, replace_batch_check
 from .tensor_parallel import TensorParallelGather
@@ -159,7 +159,7 @@ class HybridEngine(DeepSpeedHybridEngine):
         # DeepSpeed's version also times training for its print()ed report; our metrics do that.
         DeepSpeedEngine.step(self, lr_kwargs=lr_kwargs)
 
-    def materializer(self, trainable: set[int]):
+    def materializer(self, trainable: set[int]) -> Materializer:
         """The object that makes the generation module's weights whole for one context.
 
         ``trainable``: ids of the parameters that required grad before the context began.

@@ -241,22 +241,50 @@ class CoalescedGather:
 COALESCE_MAX_NUMEL = 1 << 18
 
 
-class PinnedGather:
-    """Gathers the whole module once (``pin_parameters=True``)."""
+class Materializer:
+    """What makes the generation module's weights whole for one context (``with materializer:``), and puts
+    everything back on exit, whatever happened inside. The generation context reads the rest:
+
+    * ``collectives_per_forward``: every forward gathers from all ranks, so ranks step (and prefill) together;
+    * ``pools_ranks``: a tensor-parallel group generates one pooled batch (``generate``, tensor_parallel.py);
+    * what it cost: ``gathered_bytes`` and ``sliced_bytes`` on entry, ``fuse_s`` folding LoRA in and
+      ``layer_gather_s`` gathering during generation (layer-wise), ``fused_copy_bytes`` of fused LoRA weights
+      held beside their originals.
+    """
 
     collectives_per_forward = False
+    pools_ranks = False
+
+    def __init__(self, fusion: LoraFusion | None = None) -> None:
+        self.fusion = fusion
+        self.gathered_bytes = 0
+        self.sliced_bytes = 0
+        self.fuse_s = 0.0
+        self.layer_gather_s = 0.0
+
+    @property
+    def fused_copy_bytes(self) -> int:
+        return self.fusion.copy_bytes if self.fusion is not None else 0
+
+    def __enter__(self) -> Materializer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class PinnedGather(Materializer):
+    """Gathers the whole module once (``pin_parameters=True``)."""
 
     def __init__(
         self, module: nn.Module, engine: nn.Module, cache: FrozenWeightCache | None, trainable: set[int]
     ) -> None:
+        super().__init__(LoraFusion(buffers=cache.fused_buffers if cache is not None else None))
         self.module, self.engine, self.cache, self.trainable = module, engine, cache, trainable
-        self.fusion = LoraFusion(buffers=cache.fused_buffers if cache is not None else None)
         self._hooks: DetachedZeroHooks | None = None
         self._plain_dicts: PlainParameterDicts | None = None
         self._gathered: list = []  # the gathers to undo, in order
         self._swapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, placeholder, cached)
-        self.gathered_bytes = 0
-        self.fuse_s = self.layer_gather_s = 0.0
 
     def __enter__(self) -> PinnedGather:
         try:
@@ -331,12 +359,13 @@ def decoder_layers(module: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
-class LayerwiseGather:
+class LayerwiseGather(Materializer):
     """Gathers ``group_size`` decoder layers at a time, per forward (``pin_parameters=False``)."""
 
     collectives_per_forward = True
 
     def __init__(self, module: nn.Module, engine: nn.Module, group_size: int) -> None:
+        super().__init__()
         self.module, self.engine = module, engine
         layers = decoder_layers(module)
         if not layers:
@@ -355,7 +384,6 @@ class LayerwiseGather:
         self._other: GatheredParameters | None = None
         self.max_layers_materialized = 0
         self.gathered_bytes = sum(p.ds_numel * p.element_size() for p in self.other)
-        self.fuse_s = self.layer_gather_s = 0.0
 
     def __enter__(self) -> LayerwiseGather:
         self._hooks = DetachedZeroHooks(list(self.module.modules()), self.engine)
@@ -403,16 +431,12 @@ class LayerwiseGather:
                 self._hooks = None
 
 
-class NoGather:
+class NoGather(Materializer):
     """ZeRO-1/2: every weight is already whole; only LoRA is fused."""
 
-    collectives_per_forward = False
-
     def __init__(self, module: nn.Module) -> None:
+        super().__init__(LoraFusion())
         self.module = module
-        self.fusion = LoraFusion()
-        self.gathered_bytes = 0
-        self.fuse_s = self.layer_gather_s = 0.0
 
     def __enter__(self) -> NoGather:
         self.fuse_s = _timed(self.fusion.fuse, lora_modules(self.module))

@@ -256,9 +256,8 @@ class GenerationContext:
         self.stats.fuse_s = self.materializer.fuse_s
         self.stats.gather_s = entered - self.materializer.fuse_s
         self.stats.gathered_bytes = self.materializer.gathered_bytes
-        self.stats.sliced_bytes = getattr(self.materializer, "sliced_bytes", 0)
-        fusion = getattr(self.materializer, "fusion", None)
-        self.stats.fused_copy_bytes = fusion.copy_bytes if fusion is not None else 0
+        self.stats.sliced_bytes = self.materializer.sliced_bytes
+        self.stats.fused_copy_bytes = self.materializer.fused_copy_bytes
         if self.engine.frozen_cache is not None:
             self.stats.frozen_cache_bytes = self.engine.frozen_cache.nbytes
 
@@ -292,7 +291,7 @@ class GenerationContext:
             call.kwargs["synced_gpus"] = True
         watch = Stopwatch(self.engine.device)
         try:
-            if getattr(self.materializer, "pools_ranks", False):
+            if self.materializer.pools_ranks:
                 output = self._generate_pooled(call)
             else:
                 output = self._generate_with_backoff(call, call.kwargs)

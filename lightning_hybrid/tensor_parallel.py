@@ -34,8 +34,8 @@ from deepspeed.runtime.zero import GatheredParameters
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .gather import DetachedZeroHooks, decoder_layers, is_zero3_param, missing_params
-from .kernels import base_model
+from .gather import DetachedZeroHooks, Materializer, decoder_layers, is_zero3_param, missing_params
+from .hf import base_model
 from .lora import LoraFusion, is_dschat_lora, is_peft_lora, lora_modules
 
 # Architectures whose tensor-parallel generation equals the unsharded model's, token for
@@ -139,13 +139,14 @@ def _slots(root: nn.Module, layers: list[nn.Module]) -> list[tuple[nn.Module, st
     return [where[id(layer)] for layer in layers]
 
 
-class TensorParallelGather:
+class TensorParallelGather(Materializer):
     """Materializes this rank's 1/T of the generation module and pools the group's requests."""
 
     collectives_per_forward = False  # the group steps together; no ZeRO-3 gathers while generating
     pools_ranks = True
 
     def __init__(self, module: nn.Module, engine: nn.Module, tp_size: int, group_size: int) -> None:
+        super().__init__()
         self.module, self.engine, self.tp_size, self.group_size = module, engine, tp_size, group_size
         self.base = base_model(module)
         self.group = tp_group(tp_size)
@@ -168,9 +169,6 @@ class TensorParallelGather:
         self._resident_fusion = LoraFusion()
         self._pooling = False
         self._group_knows = False
-        self.gathered_bytes = 0
-        self.sliced_bytes = 0
-        self.fuse_s = self.layer_gather_s = 0.0
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> TensorParallelGather:
