@@ -136,12 +136,13 @@ def whole(module):
     return GatheredParameters(missing_params(module.actor.parameters(), _engine_of(module)))
 
 
-def unsharded_reference(module, lora: str | None) -> nn.Module:
-    """Rebuild the policy as it is right now, whole, with its LoRA merged (on the CPU, as ``make_actor`` builds it)."""
+def unsharded_reference(module, lora: str | None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the policy as it is right now, whole, with its LoRA merged in ``dtype`` (on the CPU, as
+    ``make_actor`` builds it): under bf16 the merge must round as the context's fusion does."""
     actor = module.actor
     with whole(module):
         state = {k: v.detach().clone() for k, v in actor.state_dict().items()}
-    fresh = make_actor(lora)
+    fresh = make_actor(lora).to(dtype)
     fresh.load_state_dict(state)
     return merged_reference(fresh)
 
