@@ -35,6 +35,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("DS_ACCELERATOR", wanted)
 
 
+TORCH_LINEAR = torch.nn.functional.linear  # taken before any test imports DeepSpeed
+
+
+@pytest.fixture(autouse=True)
+def _torch_linear_after_each_test():
+    # ZeRO-3's zero.Init puts its own linear in F.linear and leaves it there ("This will persist unless
+    # manually reset", DeepSpeed says): put torch's back, so no test depends on the tests before it.
+    yield
+    torch.nn.functional.linear = TORCH_LINEAR
+
+
 def _first_doc_line(item: pytest.Item) -> str:
     doc = (getattr(getattr(item, "function", None), "__doc__", None) or "").strip().splitlines()
     return f" It checks: {doc[0]}" if doc else ""
