@@ -51,9 +51,17 @@ def _first_doc_line(item: pytest.Item) -> str:
     return f" It checks: {doc[0]}" if doc else ""
 
 
+# pytest-timeout limits above a module's own subprocess timeouts, for a module that does not carry its
+# own `pytestmark = pytest.mark.timeout(...)` (test_example.py's scripts have 600 s each).
+SUBPROCESS_MODULE_LIMITS_S = {"test_example.py": 900}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     accelerator = os.environ["DS_ACCELERATOR"]
     for item in items:
+        limit = SUBPROCESS_MODULE_LIMITS_S.get(item.path.name)
+        if limit is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(limit))
         cuda_test = item.get_closest_marker("cuda") is not None  # the mark (keywords also hold folder names)
         if cuda_test and not torch.cuda.is_available():
             reason = "needs a CUDA GPU; this machine has none (bash tests/cuda/run.sh on one)."
