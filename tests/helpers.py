@@ -136,13 +136,15 @@ def whole(module):
     return GatheredParameters(missing_params(module.actor.parameters(), _engine_of(module)))
 
 
-def unsharded_reference(module, lora: str | None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the policy as it is right now, whole, with its LoRA merged in ``dtype`` (on the CPU, as
-    ``make_actor`` builds it): under bf16 the merge must round as the context's fusion does."""
+def unsharded_reference(
+    module, lora: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild the policy as it is right now, whole, with its LoRA merged in ``dtype`` on ``device``: the
+    merge rounds as the context's fusion does only in the same dtype on the same kind of device."""
     actor = module.actor
     with whole(module):
         state = {k: v.detach().clone() for k, v in actor.state_dict().items()}
-    fresh = make_actor(lora).to(dtype)
+    fresh = make_actor(lora).to(device, dtype)
     fresh.load_state_dict(state)
     return merged_reference(fresh)
 

@@ -61,7 +61,7 @@ def test_context_matches_merged_reference_and_loses_nothing_on_cuda(stage: int, 
     def on_step(module: RolloutModule, batch) -> None:
         strategy = module.trainer.strategy
         assert next(module.actor.parameters()).dtype == dtype
-        reference = unsharded_reference(module, "peft", dtype).to(DEVICE)
+        reference = unsharded_reference(module, "peft", dtype, DEVICE)  # merged on the GPU, as in the context
         with torch.no_grad(), native_linear():  # as in a process without DeepSpeed
             want = reference.generate(ids, attention_mask=mask, **GREEDY)
             want_lp = log_probs(reference, ids, mask)
