@@ -11,115 +11,41 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import (
-    BloomConfig,
-    BloomForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
-VOCAB = 96
+from lightning_hybrid.testing import VOCAB, tiny_causal_lm
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
+# The tests' names for tiny_causal_lm's architectures: one line each, used throughout the tests.
+def tiny_llama(seed: int = 0, layers: int = 2, **overrides) -> nn.Module:
+    return tiny_causal_lm("llama", seed, num_hidden_layers=layers, **overrides)
 
 
-def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return GPTNeoXForCausalLM(config).eval()
+def tiny_neox(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("neox", seed, **overrides)
 
 
-# Other architectures, for DeepSpeed's kernel policies (tests/test_kernels.py, tests/cuda/).
-def tiny_opt(seed: int = 0) -> OPTForCausalLM:
-    torch.manual_seed(seed)
-    config = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return OPTForCausalLM(config).eval()
+def tiny_opt(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("opt", seed, **overrides)
 
 
-def tiny_gptj(seed: int = 0) -> GPTJForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, pad_token_id=0, eos_token_id=2)
-    return GPTJForCausalLM(config).eval()
+def tiny_gptj(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("gptj", seed, **overrides)
 
 
-def tiny_gpt_neo(seed: int = 0) -> GPTNeoForCausalLM:
-    torch.manual_seed(seed)
-    config = GPTNeoConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        attention_types=[[["global"], 2]],
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    return GPTNeoForCausalLM(config).eval()
+def tiny_gpt_neo(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("gpt_neo", seed, **overrides)
 
 
-def tiny_bloom(seed: int = 0) -> BloomForCausalLM:
-    torch.manual_seed(seed)
-    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)).eval()
+def tiny_bloom(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("bloom", seed, **overrides)
 
 
-def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, **overrides)).eval()
+def tiny_gpt2(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("gpt2", seed, **overrides)
 
 
-def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **overrides
-    )
-    return Qwen2ForCausalLM(config).eval()
+def tiny_qwen2(seed: int = 0, **overrides) -> nn.Module:
+    return tiny_causal_lm("qwen2", seed, **overrides)
 
 
 def add_peft_lora(model: nn.Module, r: int = 4, targets=("q_proj", "v_proj", "down_proj"), seed: int = 1) -> nn.Module:
@@ -181,6 +107,84 @@ def merged_reference(actor: nn.Module) -> nn.Module:
             module.weight.data += module.lora_scaling * (module.lora_left_weight.t() @ module.lora_right_weight.t())
             module.fuse_lora = True
     return ref.eval()
+
+
+# -- the policy as it is, and what a generation context must leave as it found it ---------------------
+def make_actor(lora: str | None) -> nn.Module:
+    """The tests' actor: tiny Llama, with PEFT LoRA (``"peft"``), DeepSpeed-Chat LoRA (``"dschat"``) or none."""
+    model = tiny_llama()
+    if lora == "peft":
+        return add_peft_lora(model)
+    if lora == "dschat":
+        return add_dschat_lora(model)
+    return model
+
+
+def _engine_of(module):
+    # A RolloutModule in a fit, or the ``Run`` of ``train`` (Trainer or Fabric).
+    return module.engine if isinstance(module, Run) else module.trainer.strategy.model
+
+
+def whole(module):
+    """The actor's weights whole for a block, leaving what ZeRO-3 itself fetched alone.
+
+    ``module``: a RolloutModule in a fit, or the ``Run`` of ``train`` (Trainer or Fabric)."""
+    from deepspeed.runtime.zero import GatheredParameters  # here: DS_ACCELERATOR is set before DeepSpeed loads
+
+    from lightning_hybrid.gather import missing_params
+
+    return GatheredParameters(missing_params(module.actor.parameters(), _engine_of(module)))
+
+
+def unsharded_reference(
+    module, lora: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild the policy as it is right now, whole, with its LoRA merged in ``dtype`` on ``device``: the
+    merge rounds as the context's fusion does only in the same dtype on the same kind of device."""
+    actor = module.actor
+    with whole(module):
+        state = {k: v.detach().clone() for k, v in actor.state_dict().items()}
+    fresh = make_actor(lora).to(device, dtype)
+    fresh.load_state_dict(state)
+    return merged_reference(fresh)
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    """Every parameter of the actor, whole, cloned: for bitwise comparisons."""
+    with whole(module):
+        return {n: p.detach().clone() for n, p in module.actor.named_parameters()}
+
+
+def hook_state(module: nn.Module) -> list:
+    """ZeRO-3's per-module machinery: its hooks, in order, and its parameter dicts (by identity)."""
+    return [
+        (
+            name,
+            list(m._forward_pre_hooks),
+            list(m._forward_hooks),
+            list(m._forward_hooks_with_kwargs),
+            id(m._parameters),
+        )
+        for name, m in module.named_modules()
+    ]
+
+
+def sharding_state(module: nn.Module) -> list:
+    """Each ZeRO-3 parameter's status and local size (empty for a module ZeRO-3 does not manage)."""
+    return [(n, p.ds_status, p.data.numel()) for n, p in module.named_parameters() if hasattr(p, "ds_id")]
+
+
+def mode_state(module: nn.Module) -> tuple[list, list]:
+    """Train/eval mode of every submodule and requires_grad of every parameter."""
+    return [(n, m.training) for n, m in module.named_modules()], [
+        (n, p.requires_grad) for n, p in module.named_parameters()
+    ]
+
+
+def log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each prompt token's log-probability under ``model`` (0 on padding)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
 
 
 def ds_config(stage: int, bf16: bool = False, **zero) -> dict:

@@ -19,6 +19,7 @@ from helpers import subprocess_env
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "generation.py"
 TIMEOUT_S = 600
+pytestmark = pytest.mark.timeout(TIMEOUT_S + 300)  # the script's own timeout fires first and shows its output
 
 
 def test_generation_benchmark_tiny(tmp_path):

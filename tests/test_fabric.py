@@ -12,11 +12,20 @@ import inspect
 
 import pytest
 import torch
-from helpers import Policy, Run, add_peft_lora, ds_config, merged_reference, prompt_loader, prompts, tiny_llama
+from helpers import (
+    Policy,
+    Run,
+    add_peft_lora,
+    ds_config,
+    merged_reference,
+    prompt_loader,
+    prompts,
+    snapshot,
+    tiny_llama,
+)
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry
-from test_generation import snapshot
 
 import lightning_hybrid
 from lightning_hybrid import HybridEngine

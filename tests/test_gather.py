@@ -8,8 +8,18 @@ import pytest
 import torch
 from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from helpers import RolloutModule, add_peft_lora, ds_config, fit, prompts, tiny_llama
-from test_generation import hook_state, sharding_state, snapshot, unsharded_reference
+from helpers import (
+    RolloutModule,
+    add_peft_lora,
+    ds_config,
+    fit,
+    hook_state,
+    prompts,
+    sharding_state,
+    snapshot,
+    tiny_llama,
+    unsharded_reference,
+)
 
 from lightning_hybrid import HybridEngineStrategy
 from lightning_hybrid.gather import decoder_layers, native_linear

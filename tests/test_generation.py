@@ -11,88 +11,28 @@ import dataclasses
 
 import pytest
 import torch
-from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from helpers import (
     FRONT_ENDS,
     RolloutModule,
-    Run,
-    add_dschat_lora,
     add_peft_lora,
     ds_config,
     fit,
-    merged_reference,
+    hook_state,
+    log_probs,
+    make_actor,
+    mode_state,
     prompts,
+    sharding_state,
+    snapshot,
     tiny_llama,
     train,
+    unsharded_reference,
 )
 
 from lightning_hybrid import HybridEngineStrategy
 from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy
-from lightning_hybrid.gather import missing_params, native_linear
-
-
-def make_actor(lora: str | None):
-    model = tiny_llama()
-    if lora == "peft":
-        return add_peft_lora(model)
-    if lora == "dschat":
-        return add_dschat_lora(model)
-    return model
-
-
-def whole(module):
-    """The actor's weights whole for a block, leaving what ZeRO-3 itself fetched alone.
-
-    ``module``: a RolloutModule in a fit, or the ``Run`` of ``helpers.train`` (Trainer or Fabric)."""
-    engine = module.engine if isinstance(module, Run) else module.trainer.strategy.model
-    return GatheredParameters(missing_params(module.actor.parameters(), engine))
-
-
-def unsharded_reference(module, lora: str | None):
-    """Rebuild the policy as it is right now, whole, with its LoRA merged."""
-    actor = module.actor
-    with whole(module):
-        state = {k: v.detach().clone() for k, v in actor.state_dict().items()}
-    fresh = make_actor(lora)
-    fresh.load_state_dict(state)
-    return merged_reference(fresh)
-
-
-def snapshot(module):
-    """Every parameter of the actor, whole, cloned: for bitwise comparisons."""
-    with whole(module):
-        return {n: p.detach().clone() for n, p in module.actor.named_parameters()}
-
-
-def hook_state(module):
-    """ZeRO-3's per-module machinery: its hooks, in order, and its parameter dicts (by identity)."""
-    return [
-        (
-            name,
-            list(m._forward_pre_hooks),
-            list(m._forward_hooks),
-            list(m._forward_hooks_with_kwargs),
-            id(m._parameters),
-        )
-        for name, m in module.named_modules()
-    ]
-
-
-def sharding_state(module):
-    return [(n, p.ds_status, p.data.numel()) for n, p in module.named_parameters() if hasattr(p, "ds_id")]
-
-
-def mode_state(module):
-    return [(n, m.training) for n, m in module.named_modules()], [
-        (n, p.requires_grad) for n, p in module.named_parameters()
-    ]
-
-
-def log_probs(model, ids, mask):
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
-
+from lightning_hybrid.gather import native_linear
 
 GREEDY = dict(max_new_tokens=8, do_sample=False)
 

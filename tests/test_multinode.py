@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "rlhf.py"
 TIMEOUT_S = 240
+# Above the two nodes' own timeouts (waited for one after the other), so theirs fires first.
+pytestmark = pytest.mark.timeout(2 * TIMEOUT_S + 120)
 
 
 def test_the_example_runs_as_two_nodes_on_loopback(tmp_path: Path) -> None:

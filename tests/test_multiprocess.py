@@ -14,6 +14,8 @@ import pytest
 from helpers import subprocess_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_ranks.py"
+# Above the scripts' own timeouts (420 s at most, in a fixture's setup), so theirs fires first and shows the output.
+pytestmark = pytest.mark.timeout(600)
 
 
 def run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:

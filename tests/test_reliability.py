@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import RolloutModule, add_peft_lora, ds_config, fit, merged_reference, prompt_loader, prompts, tiny_llama
+from helpers import (
+    RolloutModule,
+    add_peft_lora,
+    ds_config,
+    fit,
+    hook_state,
+    merged_reference,
+    mode_state,
+    prompt_loader,
+    prompts,
+    sharding_state,
+    snapshot,
+    tiny_llama,
+)
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_generation import hook_state, mode_state, sharding_state, snapshot
 
 from lightning_hybrid import HybridEngineStrategy
 
