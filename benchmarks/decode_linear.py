@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32).eval()
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in PROMPTS]
     batch = tokenizer(chats, return_tensors="pt", padding=True)
-    ids, mask = batch["input_ids"].repeat_interleave(args.group, 0), batch["attention_mask"].repeat_interleave(
-        args.group, 0
+    ids, mask = (
+        batch["input_ids"].repeat_interleave(args.group, 0),
+        batch["attention_mask"].repeat_interleave(args.group, 0),
     )
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=0)
     times: dict[str, list[float]] = {"with": [], "without": []}

@@ -77,7 +77,7 @@ stage() { # stage NAME CAP_S COMMAND...: under `timeout`, at most what is left o
 }
 
 PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider"
-stage cuda 200 $PYTEST -s -m cuda tests/test_strategy.py tests/cuda/test_generation_cuda.py
+stage cuda 200 $PYTEST -s -m cuda tests/test_strategy.py tests/cuda/test_generation_cuda.py tests/cuda/test_metrics_cuda.py
 G=tests/test_generation.py
 stage cpu-subset 150 $PYTEST tests/test_config.py tests/test_lora.py tests/test_zero3_leaves.py \
   tests/test_strategy.py::test_fit_builds_a_hybrid_engine_and_trains \
