@@ -144,7 +144,12 @@ def unsharded_reference(
     actor = module.actor
     with whole(module):
         state = {k: v.detach().clone() for k, v in actor.state_dict().items()}
-    fresh = make_actor(lora).to(device, dtype)
+    fresh = make_actor(lora).to(device)
+    for param in fresh.parameters():
+        param.data = param.data.to(dtype)
+    # Buffers as the policy holds them: DeepSpeed's bf16 casts parameters only (rotary inv_freq stays fp32).
+    for name, buffer in actor.named_buffers():
+        fresh.get_buffer(name).data = buffer.detach().to(device, copy=True)
     fresh.load_state_dict(state)
     return merged_reference(fresh)
 
