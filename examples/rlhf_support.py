@@ -62,23 +62,20 @@ class ByteTokenizer:
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ByteTokenizer]:
-    """A 2-layer Llama with random weights, and its byte tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A 2-layer Llama with random weights (drawn from the RNG as it stands), and its byte tokenizer."""
+    from lightning_hybrid.testing import tiny_causal_lm
 
     tokenizer = ByteTokenizer()
-    config = LlamaConfig(
+    model = tiny_causal_lm(
+        "llama",
+        seed=None,
         vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         pad_token_id=ByteTokenizer.pad_token_id,
         bos_token_id=ByteTokenizer.bos_token_id,
         eos_token_id=ByteTokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config).to(dtype), tokenizer
+    return model.train().to(dtype), tokenizer
 
 
 # -----------------------------------------------------------------------------
