@@ -27,16 +27,14 @@ import weakref
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
 from lightning.fabric import Fabric
-from lightning.fabric.accelerators import CUDAAccelerator
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
 from torch import nn
 from typing_extensions import override
 
 from .metrics import GenerationStats
-from .strategy_core import CHECKPOINT_KEY, HybridEngineCore, cpu_root_device, use_plain_gloo
+from .strategy_core import CHECKPOINT_KEY, HybridEngineCore, use_plain_gloo
 from .zero_init import keep_class_decorators
 
 __all__ = ["HybridEngineStrategy"]
@@ -60,15 +58,6 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
             )
         self._check_before_launch()  # the earliest point where it is known, and still before any process
         super()._configure_launcher()
-
-    @property
-    def _on_cuda(self) -> bool:
-        return isinstance(self.accelerator, CUDAAccelerator)
-
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        return super().root_device if self._on_cuda else cpu_root_device(self.local_rank)
 
     @override
     def setup_environment(self) -> None:

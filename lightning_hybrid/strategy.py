@@ -20,9 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
-import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -31,7 +29,7 @@ from typing_extensions import override
 
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 from .model_parallel import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
-from .strategy_core import HybridEngineCore, cpu_root_device, use_plain_gloo
+from .strategy_core import HybridEngineCore, use_plain_gloo
 from .zero_init import keep_class_decorators
 
 
@@ -69,15 +67,6 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
             self.global_rank, self.world_size, self.settings.training_tp_size, self.mpu
         )
         return {"num_replicas": size, "rank": rank}
-
-    @property
-    def _on_cuda(self) -> bool:
-        return isinstance(self.accelerator, CUDAAccelerator)
-
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        return super().root_device if self._on_cuda else cpu_root_device(self.local_rank)
 
     @override
     def setup_environment(self) -> None:

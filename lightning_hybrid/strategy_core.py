@@ -27,7 +27,9 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.runtime.zero import GatheredParameters
+from lightning.fabric.accelerators import CUDAAccelerator
 from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.accelerators import CUDAAccelerator as TrainerCUDAAccelerator
 from torch import nn
 
 from .config import HybridEngineSettings, InferenceBackend, KVCache, zero_stage
@@ -188,6 +190,14 @@ class HybridEngineCore:
         self._said: set[str] = set()  # backend choices already reported, so each is said once
         self.generation_stats: GenerationStats | None = None
         self._in_generation = False
+
+    @property
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, (CUDAAccelerator, TrainerCUDAAccelerator))
+
+    @property
+    def root_device(self) -> torch.device:
+        return super().root_device if self._on_cuda else cpu_root_device(self.local_rank)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

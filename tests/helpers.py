@@ -154,6 +154,15 @@ def unsharded_reference(
     return merged_reference(fresh)
 
 
+def reference_generate(module, lora: str | None, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """What the policy as it is right now, unsharded with its LoRA merged, generates (plain transformers)."""
+    from lightning_hybrid.gather import native_linear
+
+    reference = unsharded_reference(module, lora)
+    with torch.no_grad(), native_linear():
+        return reference.generate(ids, attention_mask=mask, **kwargs)
+
+
 def snapshot(module) -> dict[str, torch.Tensor]:
     """Every parameter of the actor, whole, cloned: for bitwise comparisons."""
     with whole(module):

@@ -23,6 +23,7 @@ from helpers import (
     make_actor,
     mode_state,
     prompts,
+    reference_generate,
     sharding_state,
     snapshot,
     tiny_llama,
@@ -310,9 +311,7 @@ def test_repeated_prompts_are_prefilled_once(stage, pin, cache_frozen):
 
     def on_step(module, batch):
         strategy = module.trainer.strategy
-        reference = unsharded_reference(module, "peft")
-        with torch.no_grad(), native_linear():
-            want = reference.generate(ids, attention_mask=mask, **GREEDY)
+        want = reference_generate(module, "peft", ids, mask, **GREEDY)
         for rows in (torch.arange(ids.shape[0]), shuffled):
             got, stats = generate_with_sharing(strategy, True, ids[rows], attention_mask=mask[rows], **GREEDY)
             assert torch.equal(got, want[rows])
@@ -394,11 +393,9 @@ def test_prompt_sharing_follows_the_generation_config_transformers_resolves():
 
     def on_step(module, batch):
         strategy = module.trainer.strategy
-        reference = unsharded_reference(module, "peft")
-        with torch.no_grad(), native_linear():
-            want = reference.generate(ids, attention_mask=mask, **GREEDY)
-            with pytest.raises(ValueError, match="num_return_sequences") as plain_error:
-                reference.generate(ids[::3], attention_mask=mask[::3], num_return_sequences=3, **GREEDY)
+        want = reference_generate(module, "peft", ids, mask, **GREEDY)
+        with pytest.raises(ValueError, match="num_return_sequences") as plain_error:
+            reference_generate(module, "peft", ids[::3], mask[::3], num_return_sequences=3, **GREEDY)
         for share in (True, False):
             got, stats = generate_with_sharing(strategy, share, ids, attention_mask=mask, **no_cache)
             assert torch.equal(got, want) and stats.prompt_tokens_reused == 0

@@ -21,27 +21,11 @@ from lightning_hybrid.testing import tiny_causal_lm
 
 def tiny(arch: str) -> torch.nn.Module:
     """A 2-layer OPT or Llama of width 256 (DeepSpeed's kernels want wider heads than the tests' models)."""
+    wide = dict(vocab_size=512, hidden_size=256, max_position_embeddings=512)
     if arch == "opt":
-        return tiny_causal_lm(
-            "opt",
-            vocab_size=512,
-            hidden_size=256,
-            ffn_dim=1024,
-            max_position_embeddings=512,
-            word_embed_proj_dim=256,
-            pad_token_id=1,
-            bos_token_id=2,
-            eos_token_id=2,
-        ).train()
-    return tiny_causal_lm(
-        "llama",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=None,
-    ).train()
+        special = dict(pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        return tiny_causal_lm("opt", **wide, ffn_dim=1024, word_embed_proj_dim=256, **special).train()
+    return tiny_causal_lm("llama", **wide, intermediate_size=512, num_key_value_heads=4, pad_token_id=None).train()
 
 
 def probe(arch: str) -> dict:
