@@ -25,9 +25,9 @@ from torch import nn
 
 from .config import HybridEngineSettings
 from .gather import FrozenWeightCache, LayerwiseGather, Materializer, NoGather, PinnedGather
+from .inference_tp import TensorParallelGather
 from .kernels import KERNEL_BACKEND, KernelPath, KernelRouting, ParityGuard, select_backend
-from .model_parallel import data_parallel_rank, replace_batch_check
-from .tensor_parallel import TensorParallelGather
+from .training_tp import data_parallel_rank, replace_batch_check
 from .workspace import InferenceWorkspace
 from .zero3_leaves import keep_leaf_gradients, mark_leaves
 

@@ -246,7 +246,7 @@ class Materializer:
     everything back on exit, whatever happened inside. The generation context reads the rest:
 
     * ``collectives_per_forward``: every forward gathers from all ranks, so ranks step (and prefill) together;
-    * ``pools_ranks``: a tensor-parallel group generates one pooled batch (``generate``, tensor_parallel.py);
+    * ``pools_ranks``: a tensor-parallel group generates one pooled batch (``generate``, inference_tp.py);
     * what it cost: ``gathered_bytes`` and ``sliced_bytes`` on entry, ``fuse_s`` folding LoRA in and
       ``layer_gather_s`` gathering during generation (layer-wise), ``fused_copy_bytes`` of fused LoRA weights
       held beside their originals.

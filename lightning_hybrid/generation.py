@@ -38,8 +38,8 @@ from .gather import native_linear
 from .hf import base_model, say_once
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
-from .model_parallel import check_same_request, tensor_parallel_group
 from .prefix_cache import PromptGroups, prefill, sharing_refusal
+from .training_tp import check_same_request, training_tp_group
 from .workspace import CACHE_KWARGS, cache_kwarg
 
 # ``generate``'s own parameters: everything else a call passes is a generation setting or a model input.
@@ -187,7 +187,7 @@ class GenerationContext:
         self.world_size = world_size
         self.settings = engine.settings
         self.stats = GenerationStats(backend=engine.backend)
-        self.tp_group = tensor_parallel_group(engine)  # an actor trained tensor-parallel: its group
+        self.training_tp_group = training_tp_group(engine)  # an actor trained tensor-parallel: its group
         self._stack = ExitStack()
 
     # -- entering ----------------------------------------------------------------------
@@ -280,8 +280,8 @@ class GenerationContext:
         """``actor.generate`` inside the context: normalise, then generate (pooled across a tensor-parallel group,
         or in halves after running out of memory), counting time and tokens."""
         call = prepare_call(self.module, self.engine.settings.max_out_tokens, args, kwargs)
-        if self.tp_group is not None:
-            check_same_request(self.tp_group, call.prompt, call.kwargs)
+        if self.training_tp_group is not None:
+            check_same_request(self.training_tp_group, call.prompt, call.kwargs)
         if self.materializer.collectives_per_forward and self.world_size > 1:
             if call.kwargs.get("synced_gpus") is False:
                 raise ValueError(
@@ -342,7 +342,7 @@ class GenerationContext:
         return torch.cat([F.pad(h, (0, width - h.shape[1]), value=call.pad_id) for h in halves])
 
     def _generate_pooled(self, call: GenerateCall) -> torch.Tensor:
-        """Tensor parallel: the group's prompts generate as one batch (see ``tensor_parallel.py``)."""
+        """Tensor parallel: the group's prompts generate as one batch (see ``inference_tp.py``)."""
         if (call.config.num_return_sequences or 1) > 1:
             raise ValueError(
                 "With inference_tp_size > 1, beam search with num_return_sequences > 1 cannot be pooled across the"

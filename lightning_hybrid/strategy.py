@@ -28,8 +28,8 @@ from torch import nn
 from typing_extensions import override
 
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
-from .model_parallel import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
 from .strategy_core import HybridEngineCore, use_plain_gloo
+from .training_tp import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
 from .zero_init import keep_class_decorators
 
 

@@ -38,16 +38,17 @@ from .engine import HybridEngine, resolve_generation_module
 from .export import write_hf_directory
 from .gather import missing_params
 from .generation import GenerationContext, prepare_call
+from .hf import say_once
+from .inference_tp import check_tp_support
 from .kernels import select_backend
 from .metrics import GenerationStats
-from .model_parallel import (
+from .training_tp import (
     check_inference_tp,
     check_world_size,
     gather_tensor_parallel_state,
     initialize_kwargs,
     resolve_training_tp,
 )
-from .tensor_parallel import check_tp_support
 from .zero3_leaves import leaf_classes
 
 CHECKPOINT_KEY = "hybrid_engine"  # the engine's own entry in a checkpoint: the sampling RNG stream
@@ -129,7 +130,7 @@ class HybridEngineCore:
         training_tp_size: tensor-parallel degree while *training* (DeepSpeed's AutoTP, the config's
             ``tensor_parallel.autotp_size``): each rank holds 1/T of every sliced linear, ZeRO works over
             the data-parallel group, the sampler shards by data-parallel rank. None: the config's value
-            (default 1). See ``model_parallel.py``. Trainer only for now.
+            (default 1). See ``training_tp.py``. Trainer only for now.
         mpu: a Megatron-style model-parallel unit for an actor you sliced yourself; passed to every
             ``deepspeed.initialize`` and to ``zero.Init``. Excludes ``training_tp_size > 1``. Trainer only for now.
         **kwargs: every other ``DeepSpeedStrategy`` argument (``config``, ``offload_*``, ...).
@@ -247,10 +248,7 @@ class HybridEngineCore:
         if self.settings.reslices_for_inference:
             check_tp_support(generation_module, self.settings.inference_tp_size)
         self.backend, why = select_backend(self.settings.inference_backend, self.root_device, generation_module)
-        message = f"HybridEngineStrategy: {why}; generation module {path!r}."
-        if message not in self._said:
-            self._said.add(message)
-            rank_zero_info(message)
+        say_once(self._said, f"HybridEngineStrategy: {why}; generation module {path!r}.", say=rank_zero_info)
 
     def _engine_factory(self):
         return functools.partial(

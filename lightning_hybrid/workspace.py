@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import gc
 import inspect
-import warnings
 
 import torch
 from torch import nn
 from transformers import StaticCache
 
-from .hf import base_model
+from .hf import base_model, say_once
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -43,16 +42,16 @@ class InferenceWorkspace:
         self.cache: StaticCache | None = None
         self.allocations = 0  # how many times a cache was built: the reuse a user can check
         self._key: tuple | None = None
-        self._unsupported: set[str] = set()
+        self._said: set[str] = set()
 
     def supports(self, model: nn.Module) -> bool:
         """Whether ``model`` can generate with a static cache (most decoder-only HF models can)."""
         base = base_model(model)
         name = type(base).__name__
         ok = getattr(base, "_can_compile_fullgraph", False) and hasattr(base, "config")
-        if not ok and name not in self._unsupported:
-            self._unsupported.add(name)
-            warnings.warn(
+        if not ok:
+            say_once(
+                self._said,
                 f"{name} does not support transformers' StaticCache; generation uses its default dynamic cache,"
                 " so the workspace is not preallocated or reused for it.",
                 stacklevel=3,

@@ -563,12 +563,12 @@ def scenario_tp_checkpoint(args) -> None:
             enable_checkpointing=bool(callbacks),
         )
         if export:
-            from lightning_hybrid.model_parallel import tensor_parallel_group
+            from lightning_hybrid.training_tp import training_tp_group
 
             training_engine = trainer.strategy.model
             trainer.validate(module, dataloaders=prompt_loader(n=4, batch=2), verbose=False)
             assert trainer.strategy.model is not training_engine  # Lightning's inference engine, rebuilt
-            assert tensor_parallel_group(trainer.strategy.model) is not None, "validate() lost the TP groups"
+            assert training_tp_group(trainer.strategy.model) is not None, "validate() lost the TP groups"
         return module
 
     every_two = ModelCheckpoint(dirpath=directory, filename="step{step}", every_n_train_steps=2, save_top_k=-1)

@@ -163,7 +163,7 @@ def data_parallel_rank_and_size(
     return global_rank // training_tp_size, world_size // training_tp_size
 
 
-def tensor_parallel_group(engine: Any) -> Any | None:
+def training_tp_group(engine: Any) -> Any | None:
     """The engine's TP process group, or None when the actor trains unsliced."""
     mpu = getattr(engine, "mpu", None)
     if mpu is None:
@@ -284,7 +284,7 @@ def replace_batch_check(engine: Any) -> None:
     on the first forward, then removes itself, as DeepSpeed's does.
     """
     hook = getattr(engine, "first_dataloader_check", None)
-    group = tensor_parallel_group(engine)
+    group = training_tp_group(engine)
     if hook is None or group is None:
         return
     hook.remove()

@@ -13,8 +13,8 @@ from lightning.pytorch import Trainer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lightning_hybrid import HybridEngineStrategy
+from lightning_hybrid.inference_tp import _cut_finished, check_tp_support, skeleton
 from lightning_hybrid.lora import is_dschat_lora, is_peft_lora
-from lightning_hybrid.tensor_parallel import _cut_finished, check_tp_support, skeleton
 
 
 def test_an_architecture_not_verified_is_refused_with_the_list():

@@ -39,7 +39,7 @@ from .hf import base_model
 from .lora import LoraFusion, is_dschat_lora, is_peft_lora, lora_modules
 
 # Architectures whose tensor-parallel generation equals the unsharded model's, token for
-# token, in tests/test_tensor_parallel.py (AutoTP finds the layer plan; the attention
+# token, in tests/test_inference_tp.py (AutoTP finds the layer plan; the attention
 # infers its head count from the sliced projections).
 VERIFIED_MODEL_TYPES = ("llama", "qwen2", "gpt_neox")
 
@@ -82,7 +82,7 @@ def check_tp_support(module: nn.Module, tp_size: int) -> None:
 _GROUPS: dict[tuple[int, int, int], Any] = {}
 
 
-def tp_group(tp_size: int):
+def inference_tp_group(tp_size: int):
     """This rank's group of ``tp_size`` consecutive ranks (all groups are created on every rank, once
     per default process group)."""
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
@@ -149,7 +149,7 @@ class TensorParallelGather(Materializer):
         super().__init__()
         self.module, self.engine, self.tp_size, self.group_size = module, engine, tp_size, group_size
         self.base = base_model(module)
-        self.group = tp_group(tp_size)
+        self.group = inference_tp_group(tp_size)
         self.leader = torch_dist.get_rank() // tp_size * tp_size
         self.layers = decoder_layers(module)
         if not self.layers:

@@ -12,7 +12,7 @@ from helpers import RolloutModule, add_dschat_lora, add_peft_lora, ds_config, ti
 from lightning.pytorch import Trainer
 
 from lightning_hybrid import HybridEngineStrategy
-from lightning_hybrid.model_parallel import (
+from lightning_hybrid.training_tp import (
     _fingerprint,
     check_autotp_model,
     data_parallel_rank_and_size,
@@ -48,12 +48,12 @@ class ToyMpu:
 def test_training_tp_size_writes_the_autotp_block_and_agrees_with_the_config():
     strategy = HybridEngineStrategy(config=ds_config(2), training_tp_size=2)
     assert strategy.config["tensor_parallel"] == {"autotp_size": 2}
-    assert strategy.training_tp_size == 2
+    assert strategy.settings.training_tp_size == 2
     # The config's block alone is honoured too, and the caller's dict is left as it was.
     config = {**ds_config(3), "tensor_parallel": {"autotp_size": 2}}
-    assert HybridEngineStrategy(config=config).training_tp_size == 2
-    assert HybridEngineStrategy(config=config, training_tp_size=2).training_tp_size == 2
-    assert HybridEngineStrategy(config=ds_config(3)).training_tp_size == 1
+    assert HybridEngineStrategy(config=config).settings.training_tp_size == 2
+    assert HybridEngineStrategy(config=config, training_tp_size=2).settings.training_tp_size == 2
+    assert HybridEngineStrategy(config=ds_config(3)).settings.training_tp_size == 1
     assert "tensor_parallel" not in HybridEngineStrategy(config=ds_config(3)).config
 
 
@@ -159,7 +159,7 @@ def test_batch_fingerprints_read_nested_batches():
 def test_request_fingerprints_take_any_dtype(dtype):
     """A tensor-parallel group compares its ranks' generate() arguments by their bytes: bf16 embeddings included
     (numpy, which the comparison went through, has no bfloat16)."""
-    from lightning_hybrid.model_parallel import tensor_bytes
+    from lightning_hybrid.training_tp import tensor_bytes
 
     tensor = torch.arange(6).reshape(2, 3).to(dtype)
     assert len(tensor_bytes(tensor)) == tensor.numel() * tensor.element_size()
