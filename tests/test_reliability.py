@@ -6,6 +6,8 @@ settings in test_config.py; exceptions and interrupts inside the context in test
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from helpers import (
@@ -28,24 +30,34 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_hybrid import HybridEngineStrategy
 
 
-def oom_above(actor, rows: int):
-    """Make the actor's forward run out of memory for batches of more than ``rows`` rows."""
+def oom_above(actor, rows: int, seen: dict | None = None):
+    """Make the actor's forward run out of memory for batches of more than ``rows`` rows.
+
+    With ``seen``: each failing forward holds a tensor when it raises (as a real one holds its KV cache and
+    logits); ``seen["alive_at_retry"]`` says whether it was still alive when the first smaller batch ran."""
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and ids.shape[0] > rows:
+            held = torch.empty(1024)
+            if seen is not None:
+                seen["held"] = weakref.ref(held)
             raise torch.OutOfMemoryError(f"injected: {ids.shape[0]} rows")
+        if seen is not None and "held" in seen:
+            seen.setdefault("alive_at_retry", seen["held"]() is not None)
 
     return actor.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_out_of_memory_retries_in_halves():
+    """The same tokens, in halves; and the halves run after the failed attempt's tensors are gone (on a GPU,
+    retrying while the traceback still holds the attempt's KV cache and logits runs out of memory again)."""
     ids, mask = prompts(batch=4)
     want = tiny_llama().generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     got = {}
 
     def on_step(module, batch):
-        handle = oom_above(module.actor, rows=1)
+        handle = oom_above(module.actor, rows=1, seen=got)
         try:
             with pytest.warns(UserWarning, match="Out of memory generating 4 sequences"):
                 got["out"] = module.trainer.strategy.generate(
@@ -58,34 +70,7 @@ def test_out_of_memory_retries_in_halves():
     fit(RolloutModule(tiny_llama(), on_step, lr=0.0), HybridEngineStrategy(config=ds_config(3)), steps=1)
     assert torch.equal(got["out"], want)
     assert got["stats"].oom_splits == 3  # 4 -> 2 + 2 -> (1 + 1) + (1 + 1)
-
-
-def test_out_of_memory_retry_starts_with_the_failed_attempts_memory_released():
-    """The halves run after the failed attempt's tensors are gone (on a GPU, retrying while the traceback still
-    holds the attempt's KV cache and logits runs out of memory again)."""
-    import weakref
-
-    ids, mask = prompts(batch=2)
-    seen = {}
-
-    def hook(module, args, kwargs):
-        rows = kwargs["input_ids"].shape[0]
-        if rows > 1:
-            held = torch.empty(1024)  # what the failed attempt holds when it runs out
-            seen["held"] = weakref.ref(held)
-            raise torch.OutOfMemoryError(f"injected: {rows} rows")
-        seen.setdefault("alive_at_retry", seen["held"]() is not None)
-
-    def on_step(module, batch):
-        handle = module.actor.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with pytest.warns(UserWarning, match="Out of memory generating 2 sequences"):
-                module.trainer.strategy.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-        finally:
-            handle.remove()
-
-    fit(RolloutModule(tiny_llama(), on_step, lr=0.0), HybridEngineStrategy(config=ds_config(2)), steps=1)
-    assert seen["alive_at_retry"] is False
+    assert got["alive_at_retry"] is False
 
 
 def test_out_of_memory_below_the_floor_is_a_clear_error_and_loses_nothing():
