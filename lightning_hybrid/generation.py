@@ -320,7 +320,7 @@ class GenerationContext:
         free_accelerator_memory()
         rows, floor = kwargs["input_ids"].shape[0] if "input_ids" in kwargs else 0, self.settings.oom_split_min_batch
         why = None
-        if rows // 2 < max(floor, 1):
+        if rows // 2 < floor:
             why = f"the batch of {rows} cannot be halved without going under oom_split_min_batch={floor}"
         elif self.materializer.collectives_per_forward and self.world_size > 1:
             why = "with pin_parameters=False ranks gather weights together, so one rank cannot retry alone"
