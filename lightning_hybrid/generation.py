@@ -253,8 +253,8 @@ class GenerationContext:
         self.materializer = self.engine.materializer(self.trainable)
         self._stack.enter_context(self.materializer)
         entered = watch.lap()
-        self.stats.fuse_s = self.materializer.fuse_s
-        self.stats.gather_s = entered - self.materializer.fuse_s
+        self._booked = (0.0, 0.0)  # layer-gather and fuse seconds of the materializer already in the stats
+        self.stats.gather_s += entered - self._book_materializer_time()  # the rest of entering is gathering
         self.stats.gathered_bytes = self.materializer.gathered_bytes
         self.stats.sliced_bytes = self.materializer.sliced_bytes
         self.stats.fused_copy_bytes = self.materializer.fused_copy_bytes
@@ -296,7 +296,7 @@ class GenerationContext:
             else:
                 output = self._generate_with_backoff(call, call.kwargs)
         finally:
-            self.stats.generate_s += watch.lap()
+            self.stats.generate_s += max(watch.lap() - self._book_materializer_time(), 0.0)
             self.peak.sample()
             self.engine.kv_workspace.after_generation()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -438,9 +438,15 @@ class GenerationContext:
         self.stats.workspace_bytes = max(self.stats.workspace_bytes, self.engine.kv_workspace.nbytes)
         self._stack.__exit__(*exc)  # each undo sees the exception, if any (tensor parallelism tells its group)
         self.stats.release_s = watch.lap()
-        # Layer-wise gathering and fusing happen during generation: book them where they belong.
-        during = self.materializer.layer_gather_s + self.materializer.fuse_s - self.stats.fuse_s
-        self.stats.gather_s += self.materializer.layer_gather_s
-        self.stats.fuse_s = self.materializer.fuse_s
-        self.stats.generate_s = max(self.stats.generate_s - during, 0.0)
+        self._book_materializer_time()  # what forwards outside generate() gathered and fused (layer-wise)
         self.stats.peak_memory_bytes = self.peak.sample()
+
+    def _book_materializer_time(self) -> float:
+        """Books the materializer's gathering and fusing since the last call as gather_s and fuse_s; returns
+        those seconds (layer-wise gathering runs inside each forward, so a generate call's time holds them)."""
+        gathered, fused = self.materializer.layer_gather_s, self.materializer.fuse_s
+        new_gathered, new_fused = gathered - self._booked[0], fused - self._booked[1]
+        self._booked = (gathered, fused)
+        self.stats.gather_s += new_gathered
+        self.stats.fuse_s += new_fused
+        return new_gathered + new_fused
