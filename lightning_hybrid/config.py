@@ -23,8 +23,13 @@ KV_CACHES = ("dynamic", "static")
 # read from DeepSpeed so they never drift.
 KNOWN_KEYS = tuple(HybridEngineConfig.model_fields)
 DEEPSPEED_DEFAULTS = {name: field.default for name, field in HybridEngineConfig.model_fields.items()}
-DEEPSPEED_FIELDS = ("max_out_tokens", "inference_tp_size", "release_inference_cache", "pin_parameters")
-DEEPSPEED_FIELDS += ("tp_gather_partition_size",)
+DEEPSPEED_FIELDS = (
+    "max_out_tokens",
+    "inference_tp_size",
+    "release_inference_cache",
+    "pin_parameters",
+    "tp_gather_partition_size",
+)
 
 
 @dataclass(frozen=True)

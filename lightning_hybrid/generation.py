@@ -18,7 +18,6 @@ at any point unwinds exactly what was done, in reverse):
 from __future__ import annotations
 
 import copy
-import gc
 import inspect
 import traceback
 import warnings
@@ -35,7 +34,7 @@ from transformers import GenerationConfig, GenerationMixin
 from .decode_linear import decode_linear
 from .engine import HybridEngine
 from .gather import native_linear
-from .hf import base_model, say_once
+from .hf import base_model, free_accelerator_memory, say_once
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
 from .prefix_cache import PromptGroups, prefill, sharing_refusal
@@ -169,13 +168,6 @@ def _split_rows(kwargs: dict[str, Any], rows: int) -> list[dict[str, Any]]:
         else:
             parts[0][key] = parts[1][key] = value
     return parts
-
-
-def free_accelerator_memory() -> None:
-    """What an out-of-memory retry needs first: unreachable tensors collected, the allocator's cache returned."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class GenerationContext:
@@ -316,7 +308,7 @@ class GenerationContext:
         except torch.OutOfMemoryError as error:
             failure = error
             traceback.clear_frames(error.__traceback__)  # the attempt's locals (its cache, logits) go now
-        self.engine.kv_workspace.release()
+        self.engine.kv_workspace.release(free=False)
         free_accelerator_memory()
         rows, floor = kwargs["input_ids"].shape[0] if "input_ids" in kwargs else 0, self.settings.oom_split_min_batch
         why = None

@@ -1,10 +1,12 @@
-"""Small helpers every module shares: the Hugging Face model under a PEFT wrapper, and notices said once."""
+"""Small helpers every module shares: the model under a PEFT wrapper, notices said once, freeing memory."""
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
@@ -24,3 +26,10 @@ def say_once(said: set[str], message: str, *, say: Callable[[str], None] | None 
     else:
         say(message)
     return True
+
+
+def free_accelerator_memory() -> None:
+    """Unreachable tensors collected and, on a GPU, the allocator's cache returned (before a retry, after a release)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

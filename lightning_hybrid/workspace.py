@@ -11,14 +11,13 @@ each step attends over all ``max_out_tokens`` positions.
 
 from __future__ import annotations
 
-import gc
 import inspect
 
 import torch
 from torch import nn
 from transformers import StaticCache
 
-from .hf import base_model, say_once
+from .hf import base_model, free_accelerator_memory, say_once
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -75,14 +74,14 @@ class InferenceWorkspace:
         if self.release_after_use:
             self.release()
 
-    def release(self) -> None:
+    def release(self, free: bool = True) -> None:
+        """Drops the cache; ``free``: and returns its memory now (a caller about to do that itself passes False)."""
         if self.cache is None:
             return
         self.cache = None
         self._key = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if free:
+            free_accelerator_memory()
 
     @property
     def nbytes(self) -> int:
