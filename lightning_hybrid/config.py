@@ -18,6 +18,8 @@ InferenceBackend = Literal["auto", "deepspeed", "torch"]
 INFERENCE_BACKENDS = ("auto", "deepspeed", "torch")
 KVCache = Literal["dynamic", "static"]
 KV_CACHES = ("dynamic", "static")
+Sampler = Literal["inverse_cdf", "torch"]
+SAMPLERS = ("inverse_cdf", "torch")
 
 # Every key DeepSpeed's HybridEngineConfig accepts (it forbids unknown ones), and its own defaults,
 # read from DeepSpeed so they never drift.
@@ -51,6 +53,7 @@ class HybridEngineSettings:
     cache_frozen_weights: bool = False
     kv_cache: KVCache = "dynamic"
     share_prompt_prefill: bool = True
+    sampler: Sampler = "inverse_cdf"
     zero3_leaf_modules: str | tuple[str, ...] | None = None
     oom_split_min_batch: int = 1
     zero_stage: int = 3
@@ -75,6 +78,8 @@ class HybridEngineSettings:
             raise ValueError(
                 f"`inference_backend` must be one of {INFERENCE_BACKENDS}, got {self.inference_backend!r}."
             )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {self.sampler!r}.")
         if self.kv_cache not in KV_CACHES:
             raise ValueError(f"`kv_cache` must be one of {KV_CACHES}, got {self.kv_cache!r}.")
         if self.generation_module is not None and (

@@ -38,6 +38,7 @@ from .hf import base_model, free_accelerator_memory, say_once
 from .kernels import KERNEL_BACKEND, PORTABLE_BACKEND
 from .metrics import GenerationStats, PeakMemory, Stopwatch
 from .prefix_cache import PromptGroups, prefill, sharing_refusal
+from .sampling import inverse_cdf_sampling, recording_logprobs
 from .training_tp import check_same_request, training_tp_group
 from .workspace import CACHE_KWARGS, cache_kwarg
 
@@ -52,6 +53,7 @@ class GenerateCall:
     kwargs: dict[str, Any]  # what ``generate`` is called with: the prompt as ``input_ids`` (or ``inputs_embeds``)
     config: GenerationConfig  # the model's defaults, the call's ``generation_config`` and overrides, validated
     prompt: torch.Tensor  # (batch, length) as the caller passed it (embeddings seen through their first channel)
+    output_logprobs: bool = False  # add ``logprobs`` (rows, new tokens) to the output: see ``sampling.py``
 
     @property
     def eos_ids(self) -> list[int]:
@@ -115,6 +117,7 @@ def prepare_call(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: di
     below (prompt sharing, out-of-memory halves, tensor-parallel pooling) sees one row per sequence.
     """
     kwargs = dict(kwargs)
+    output_logprobs = kwargs.pop("output_logprobs", False)  # ours, not transformers'
     if args:
         bound = _generate_signature(base_model(module)).bind_partial(None, *args).arguments
         for name, value in list(bound.items())[1:]:
@@ -147,6 +150,19 @@ def prepare_call(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: di
             f" `max_out_tokens={max_out_tokens}`, the size of the inference workspace. Raise"
             f" HybridEngineStrategy(max_out_tokens=...) to at least {prompt_len + max_new}, or shorten the request."
         )
+    if output_logprobs is not False:
+        if output_logprobs is not True:
+            raise TypeError(f"`output_logprobs` must be a bool, got {output_logprobs!r}.")
+        if not config.return_dict_in_generate:
+            raise ValueError(
+                "output_logprobs=True adds `logprobs` to generate()'s output object: pass"
+                " return_dict_in_generate=True as well (then read `out.sequences` and `out.logprobs`)."
+            )
+        if (config.num_beams or 1) > 1:
+            raise ValueError(
+                "output_logprobs=True records the log-prob of each sampled or greedy token; beam search keeps"
+                f" beams, not draws (num_beams={config.num_beams}). Use output_scores=True for beams, or num_beams=1."
+            )
     copies = config.num_return_sequences or 1
     only_prompt = all(k in ("input_ids", "attention_mask") for k, v in kwargs.items() if isinstance(v, torch.Tensor))
     if copies > 1 and (config.num_beams or 1) == 1 and "input_ids" in kwargs and only_prompt:
@@ -155,7 +171,7 @@ def prepare_call(module: nn.Module, max_out_tokens: int, args: tuple, kwargs: di
             kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(copies, 0)
         with_settings(kwargs, num_return_sequences=1)
         config.num_return_sequences = 1
-    return GenerateCall(kwargs, config, prompt)
+    return GenerateCall(kwargs, config, prompt, output_logprobs)
 
 
 def _split_rows(kwargs: dict[str, Any], rows: int) -> list[dict[str, Any]]:
@@ -220,6 +236,8 @@ class GenerationContext:
         self._stack.enter_context(native_linear())
         if engine.device.type == "cpu":
             self._stack.enter_context(decode_linear())  # decoding-sized products in the BLAS's faster layout
+        if self.settings.sampler == "inverse_cdf":
+            self._stack.enter_context(inverse_cdf_sampling())
 
     def _swap_rng(self) -> None:
         engine = self.engine
@@ -349,22 +367,33 @@ class GenerationContext:
         return self.materializer.generate(generate, call.kwargs, call.pad_id, call.eos_ids)
 
     def _generate_once(self, call: GenerateCall, kwargs: dict[str, Any]):
-        """One ``generate`` call: through DeepSpeed's kernels where they are on (and pass the guard), else portable."""
+        """One ``generate`` call, with each sampled token's log-prob recorded when the call asked."""
+        if not call.output_logprobs:
+            return self._generate_on_a_backend(call, kwargs)
+        prompt_length = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else 0
+        with recording_logprobs(base_model(self.module), prompt_length) as recorder:
+            output = self._generate_on_a_backend(call, kwargs)
+        output["logprobs"] = recorder.logprobs(output.sequences, call.eos_ids)
+        return output
+
+    def _generate_on_a_backend(self, call: GenerateCall, kwargs: dict[str, Any]):
+        """Through DeepSpeed's kernels where they are on (and pass the guard), else the portable path."""
+        output = None
         routing = self.engine.kernels
         if routing is not None and routing.enabled:
             # No StaticCache here: the kernels keep their KV cache in DeepSpeed's own workspace.
             dtype = next(self.module.parameters()).dtype
             output = routing.generate(self._original_generate, kwargs, self.stats, dtype)
-            if output is not None:
-                self.stats.backend = KERNEL_BACKEND
-                return output
-        self.stats.backend = PORTABLE_BACKEND
-        self._attach_workspace(kwargs, call.config)
-        # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
-        self._share_prompts(
-            kwargs, call.config, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1
-        )
-        return self._original_generate(**kwargs)
+            self.stats.backend = KERNEL_BACKEND
+        if output is None:
+            self.stats.backend = PORTABLE_BACKEND
+            self._attach_workspace(kwargs, call.config)
+            # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
+            self._share_prompts(
+                kwargs, call.config, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1
+            )
+            output = self._original_generate(**kwargs)
+        return output
 
     def _share_prompts(self, kwargs: dict[str, Any], config: GenerationConfig, ranks_agree: bool) -> None:
         """Rows repeating a prompt: prefill each distinct prompt once and hand ``generate`` the expanded cache.

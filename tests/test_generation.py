@@ -448,3 +448,32 @@ def test_a_static_workspace_turns_off_transformers_auto_compile_unless_the_user_
     fit(RolloutModule(actor, on_step), HybridEngineStrategy(config=ds_config(3), kv_cache="static"), steps=1)
     assert calls[0]["disable_compile"] is True
     assert "disable_compile" not in calls[1]
+
+
+def test_output_logprobs_equal_the_scoring_forward():
+    """``output_logprobs=True`` (shared prompt prefill, ZeRO-3 gathered, LoRA fused, the inverse-CDF sampler): each
+    sampled token's log-prob equals the scoring forward's of the unsharded merged policy within 1e-5 (fp32), so
+    GRPO can use them as the old policy's; the call refuses what it cannot record, before any work."""
+    from lightning_hybrid.scoring import response_logprobs
+
+    ids, mask = grpo_prompts()
+    seen = {}
+
+    def on_step(module, batch):
+        strategy = module.trainer.strategy
+        sampling = dict(max_new_tokens=6, do_sample=True, temperature=0.7, top_k=0, pad_token_id=0)
+        with strategy.generation() as actor:
+            out = actor.generate(ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, **sampling)
+            with pytest.raises(ValueError, match="return_dict_in_generate=True"):
+                actor.generate(ids, attention_mask=mask, output_logprobs=True, **sampling)
+            with pytest.raises(ValueError, match="num_beams"):
+                actor.generate(ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, num_beams=2)
+        assert strategy.generation_stats.prompt_tokens_reused > 0
+        responses = out.sequences[:, ids.shape[1] :]
+        reference = unsharded_reference(module, "peft")
+        with torch.no_grad(), native_linear():
+            scored = response_logprobs(reference, ids, mask, responses, temperature=0.7, share_prompt=False)
+        seen[module.global_step] = (out.logprobs - scored).abs().max().item()
+
+    fit(RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05), HybridEngineStrategy(config=ds_config(3)), steps=2)
+    assert seen.keys() == {0, 1} and max(seen.values()) < 1e-5, seen
