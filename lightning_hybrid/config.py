@@ -51,6 +51,7 @@ class HybridEngineSettings:
     inference_backend: InferenceBackend = "auto"
     kernel_check_interval: int = 100
     cache_frozen_weights: bool = False
+    gather_once_per_step: bool = False
     kv_cache: KVCache = "dynamic"
     share_prompt_prefill: bool = True
     sampler: Sampler = "inverse_cdf"
@@ -70,7 +71,13 @@ class HybridEngineSettings:
                 raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}. Set `{name}=1` or larger.")
-        for name in ("release_inference_cache", "pin_parameters", "cache_frozen_weights", "share_prompt_prefill"):
+        for name in (
+            "release_inference_cache",
+            "pin_parameters",
+            "cache_frozen_weights",
+            "gather_once_per_step",
+            "share_prompt_prefill",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a bool, got {value!r} ({type(value).__name__}).")
@@ -125,6 +132,14 @@ class HybridEngineSettings:
             raise ValueError(
                 "`cache_frozen_weights=True` keeps ZeRO-3 gathered weights between generations, so it needs stage=3"
                 f" and pin_parameters=True (got stage={self.zero_stage}, pin_parameters={self.pin_parameters})."
+            )
+        if self.gather_once_per_step and (
+            self.zero_stage != 3 or not self.pin_parameters or self.reslices_for_inference
+        ):
+            raise ValueError(
+                "`gather_once_per_step=True` keeps the actor ZeRO-3 gathered from generation through the backward, so"
+                f" it needs stage=3, pin_parameters=True and inference_tp_size=1 (got stage={self.zero_stage},"
+                f" pin_parameters={self.pin_parameters}, inference_tp_size={self.inference_tp_size})."
             )
         if self.zero3_leaf_modules is not None and self.zero_stage != 3:
             raise ValueError(

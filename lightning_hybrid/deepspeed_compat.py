@@ -17,6 +17,7 @@ from deepspeed.runtime.zero import partition_parameters
 from torch import nn
 
 __all__ = [
+    "GatherCounter",
     "ORIGINAL_INIT",
     "arm_workspace",
     "kernel_workspace",
@@ -155,3 +156,43 @@ def arm_workspace(kernel_module: nn.Module) -> None:
     if not hasattr(kernel_module, "_should_allocate_workspace"):
         raise _missing("DeepSpeedTransformerInference._should_allocate_workspace")
     kernel_module._should_allocate_workspace = True
+
+
+class GatherCounter:
+    """Counts the bytes of ``params`` that ZeRO-3 all-gathers, whoever asks: its own fetches before each
+    forward and backward of a module (``all_gather_coalesced``), ``GatheredParameters`` (``all_gather``).
+
+    Each ZeRO-3 parameter carries both as instance attributes (set in ``zero.Init``'s
+    ``_convert_to_deepspeed_param``); they are wrapped in place. What counts is what is partitioned at the
+    call, i.e. what the call will fetch (on one rank too, where the "gather" is a local copy).
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.actor_bytes = sum(p.ds_numel * p.element_size() for p in self.params)
+        self.bytes = 0
+        for param in self.params:
+            for name in ("all_gather", "all_gather_coalesced"):
+                gather = getattr(param, name, None)
+                if not callable(gather):
+                    raise _missing(f"ZeRO-3 parameter method `{name}`")
+                setattr(
+                    param,
+                    name,
+                    self._counting(param, gather, first_name="param_list" if name == "all_gather" else "params"),
+                )
+
+    def _counting(self, param: torch.Tensor, gather, first_name: str):
+        not_available = partition_parameters.ZeroParamStatus.NOT_AVAILABLE
+
+        def counted(*args, **kwargs):
+            args, params = list(args), (args[0] if args else kwargs.get(first_name))
+            params = [param] if params is None else list(params)  # all_gather() alone gathers its own param
+            if args:
+                args[0] = params
+            elif first_name in kwargs:
+                kwargs[first_name] = params
+            self.bytes += sum(p.ds_numel * p.element_size() for p in params if p.ds_status == not_available)
+            return gather(*args, **kwargs)
+
+        return counted

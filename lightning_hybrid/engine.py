@@ -24,6 +24,7 @@ from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
 from torch import nn
 
 from .config import HybridEngineSettings
+from .deepspeed_compat import GatherCounter
 from .gather import FrozenWeightCache, LayerwiseGather, Materializer, NoGather, PinnedGather
 from .inference_tp import TensorParallelGather
 from .kernels import KERNEL_BACKEND, KernelPath, KernelRouting, ParityGuard, select_backend
@@ -105,6 +106,8 @@ class HybridEngine(DeepSpeedHybridEngine):
         self.in_inference = False
         self.kv_workspace = InferenceWorkspace(settings.max_out_tokens, settings.release_inference_cache)
         self.frozen_cache = FrozenWeightCache() if settings.cache_frozen_weights else None
+        self.held: PinnedGather | None = None  # gather_once_per_step: the actor gathered until the backward
+        self.actor_gathers = GatherCounter(list(self.generation_module.parameters())) if self.Z3_enabled else None
         self.generation_rng = self._seed_generation_rng()
         self.said: set[str] = set()  # one-time notices already given (e.g. why prompts could not be shared)
 
@@ -155,14 +158,37 @@ class HybridEngine(DeepSpeedHybridEngine):
     def train(self, mode: bool = True) -> None:
         DeepSpeedEngine.train(self, mode)
 
+    # -- training, with the actor held gathered (gather_once_per_step) ----------------------
+    def backward(self, loss, *args, **kwargs):
+        try:
+            return super().backward(loss, *args, **kwargs)  # gradients reduced into partitions as ZeRO-3 does
+        finally:
+            self.release_held()
+
     def step(self, lr_kwargs=None) -> None:
+        self.release_held()  # the optimizer writes the partitions: gathered copies must not outlive them
         # DeepSpeed's version also times training for its print()ed report; our metrics do that.
         DeepSpeedEngine.step(self, lr_kwargs=lr_kwargs)
 
-    def materializer(self, trainable: set[int]) -> Materializer:
+    def save_checkpoint(self, *args, **kwargs):
+        self.release_held()
+        return super().save_checkpoint(*args, **kwargs)
+
+    def load_checkpoint(self, *args, **kwargs):
+        self.release_held()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def release_held(self) -> None:
+        """Gives a held actor back to ZeRO-3 (partitioned, hooks in place); nothing when none is held."""
+        held, self.held = self.held, None
+        if held is not None:
+            held.release()
+
+    def materializer(self, trainable: set[int], hold: bool = False) -> Materializer:
         """The object that makes the generation module's weights whole for one context.
 
-        ``trainable``: ids of the parameters that required grad before the context began.
+        ``trainable``: ids of the parameters that required grad before the context began. ``hold``: keep
+        the weights gathered after the context, for this training step (``gather_once_per_step``).
         """
         module = self.generation_module
         if not self.Z3_enabled:
@@ -172,5 +198,5 @@ class HybridEngine(DeepSpeedHybridEngine):
                 module, self, self.settings.inference_tp_size, self.settings.tp_gather_partition_size
             )
         if self.settings.pin_parameters:
-            return PinnedGather(module, self, self.frozen_cache, trainable)
+            return PinnedGather(module, self, self.frozen_cache, trainable, hold=hold and self.held is None)
         return LayerwiseGather(module, self, self.settings.tp_gather_partition_size)

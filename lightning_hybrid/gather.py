@@ -247,6 +247,8 @@ class Materializer:
 
     * ``collectives_per_forward``: every forward gathers from all ranks, so ranks step (and prefill) together;
     * ``pools_ranks``: a tensor-parallel group generates one pooled batch (``generate``, inference_tp.py);
+    * ``holding``: after a clean exit the weights stay gathered for the training step (``PinnedGather``'s
+      ``hold``) until ``release()``;
     * what it cost: ``gathered_bytes`` and ``sliced_bytes`` on entry, ``fuse_s`` folding LoRA in and
       ``layer_gather_s`` gathering during generation (layer-wise), ``fused_copy_bytes`` of fused LoRA weights
       held beside their originals.
@@ -254,6 +256,7 @@ class Materializer:
 
     collectives_per_forward = False
     pools_ranks = False
+    holding = False
 
     def __init__(self, fusion: LoraFusion | None = None) -> None:
         self.fusion = fusion
@@ -274,13 +277,23 @@ class Materializer:
 
 
 class PinnedGather(Materializer):
-    """Gathers the whole module once (``pin_parameters=True``)."""
+    """Gathers the whole module once (``pin_parameters=True``).
+
+    ``hold=True`` (``gather_once_per_step``): a clean exit only unfuses LoRA and gives ZeRO-3 its parameter
+    dicts back; the weights stay gathered with ZeRO-3's hooks off them, for the step's training passes, until
+    ``release()``. LoRA is then fused into copies, never into the gathered weights training will read.
+    """
 
     def __init__(
-        self, module: nn.Module, engine: nn.Module, cache: FrozenWeightCache | None, trainable: set[int]
+        self,
+        module: nn.Module,
+        engine: nn.Module,
+        cache: FrozenWeightCache | None,
+        trainable: set[int],
+        hold: bool = False,
     ) -> None:
         super().__init__(LoraFusion(buffers=cache.fused_buffers if cache is not None else None))
-        self.module, self.engine, self.cache, self.trainable = module, engine, cache, trainable
+        self.module, self.engine, self.cache, self.trainable, self.hold = module, engine, cache, trainable, hold
         self._hooks: DetachedZeroHooks | None = None
         self._plain_dicts: PlainParameterDicts | None = None
         self._gathered: list = []  # the gathers to undo, in order
@@ -319,16 +332,29 @@ class PinnedGather(Materializer):
             for param in to_gather:
                 if id(param) not in self.trainable:
                     self.cache.store(param)
-        self.fusion.disposable = released_copies(to_gather)  # thrown away after the context: fused in place
+        if not self.hold:
+            self.fusion.disposable = released_copies(to_gather)  # thrown away after the context: fused in place
         self.fuse_s = _timed(self.fusion.fuse, lora_modules(modules))
         self._plain_dicts = PlainParameterDicts(modules)
 
     def __exit__(self, *exc) -> None:
+        if self.hold and exc[0] is None:
+            self._restore_dicts_and_unfuse()
+            self.holding = True
+            return
+        self.release()
+
+    def _restore_dicts_and_unfuse(self) -> None:
+        if self._plain_dicts is not None:
+            self._plain_dicts.restore()
+            self._plain_dicts = None
+        self.fusion.unfuse()
+
+    def release(self) -> None:
+        """Everything back to ZeRO-3: weights partitioned, its hooks in place."""
+        self.holding = False
         try:
-            if self._plain_dicts is not None:
-                self._plain_dicts.restore()
-                self._plain_dicts = None
-            self.fusion.unfuse()
+            self._restore_dicts_and_unfuse()
             for param, placeholder, full in self._swapped:
                 # Still the copy we put there (unfuse restored the very tensor): partitioned again, as
                 # a release would. Anything else is ZeRO-3's own doing, left to it.

@@ -201,6 +201,8 @@ class GenerationContext:
     # -- entering ----------------------------------------------------------------------
     def __enter__(self) -> nn.Module:
         self.peak = PeakMemory(self.engine.device)
+        # Inside a training step (grad on, training mode): the gathered actor may stay for its training passes.
+        self.hold = self.settings.gather_once_per_step and torch.is_grad_enabled() and self.engine.module.training
         self.params = list(self.module.parameters())
         self.trainable = {id(p) for p in self.params if p.requires_grad}
         try:
@@ -260,7 +262,7 @@ class GenerationContext:
 
     def _materialize(self) -> None:
         watch = Stopwatch(self.engine.device)
-        self.materializer = self.engine.materializer(self.trainable)
+        self.materializer = self.engine.materializer(self.trainable, hold=self.hold)
         self._stack.enter_context(self.materializer)
         entered = watch.lap()
         self._booked = (0.0, 0.0)  # layer-gather and fuse seconds of the materializer already in the stats
@@ -458,6 +460,8 @@ class GenerationContext:
         watch = Stopwatch(self.engine.device)
         self.stats.workspace_bytes = max(self.stats.workspace_bytes, self.engine.kv_workspace.nbytes)
         self._stack.__exit__(*exc)  # each undo sees the exception, if any (tensor parallelism tells its group)
+        if self.materializer.holding:
+            self.engine.held = self.materializer  # given back to ZeRO-3 after the backward (engine.py)
         self.stats.release_s = watch.lap()
         self._book_materializer_time()  # what forwards outside generate() gathered and fused (layer-wise)
         self.stats.peak_memory_bytes = self.peak.sample()

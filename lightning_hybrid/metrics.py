@@ -119,6 +119,9 @@ class GenerationMetricsLogger(Callback):
         self.step.start = time.perf_counter()
         self.step.generation_s = 0.0
         self.step.contexts.clear()
+        counter = getattr(trainer.strategy.model, "actor_gathers", None)
+        if counter is not None:
+            counter.bytes = 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if not self.step.contexts:
@@ -138,5 +141,8 @@ class GenerationMetricsLogger(Callback):
         metrics["hybrid_engine/generation_share"] = self.step.generation_s / step_s
         metrics["hybrid_engine/training_share"] = 1.0 - self.step.generation_s / step_s
         metrics["hybrid_engine/step_s"] = step_s
+        counter = getattr(trainer.strategy.model, "actor_gathers", None)
+        if counter is not None and counter.actor_bytes:  # ZeRO-3: the actor's sizes all-gathered this step
+            metrics["hybrid_engine/actor_gathers"] = counter.bytes / counter.actor_bytes
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("gen_tok/s", total.tokens_per_s, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)

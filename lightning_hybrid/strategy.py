@@ -27,6 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import nn
 from typing_extensions import override
 
+from .engine import HybridEngine
 from .metrics import GenerationMetricsLogger, GenerationStats, StepTimes
 from .strategy_core import HybridEngineCore, use_plain_gloo
 from .training_tp import check_autotp_model, data_parallel_rank_and_size, zero_init_kwargs
@@ -151,6 +152,12 @@ class HybridEngineStrategy(HybridEngineCore, DeepSpeedStrategy):
         if trainer.state.fn == TrainerFn.FITTING and trainer.training:  # GenerationMetricsLogger logs the step
             self._step_times.generation_s += seconds
             self._step_times.contexts.append(stats)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        if isinstance(self.model, HybridEngine):
+            self.model.release_held()  # a step that failed between its generation and its backward
+        super().on_exception(exception)
 
     # -- checkpoints ---------------------------------------------------------------------
     @override

@@ -111,6 +111,14 @@ class HybridEngineCore:
         cache_frozen_weights: ZeRO-3 with ``pin_parameters=True``: keep full copies of the
             actor's frozen weights between generation contexts, so each entry gathers only
             the trainable ones (LoRA). Costs the frozen weights' full size on every rank.
+        gather_once_per_step: ZeRO-3 with ``pin_parameters=True``: a generation context inside a training step
+            leaves the actor gathered (LoRA unfused, ZeRO-3's hooks off it) through that step's forwards and
+            its backward, and gives it back to ZeRO-3 right after the backward (``engine.backward``; before
+            the optimizer step, a checkpoint save or load at the latest). One all-gather of the actor per step
+            instead of one per pass (generation, policy forward, backward, reference forward); gradients are
+            reduced into their partitions by ZeRO-3 as always. Costs: the whole actor stays gathered during
+            the backward, and LoRA is fused into copies (``fused_copy_bytes``) so the gathered weights stay
+            exact for training. ``hybrid_engine/actor_gathers`` logs the actor sizes all-gathered per step.
         kv_cache: the portable path's KV cache. "dynamic" (transformers' default): grows with the
             sequence, so each step attends over the tokens so far; nothing is held between calls.
             "static": a ``StaticCache`` of ``max_out_tokens`` positions per sequence, allocated once
@@ -155,6 +163,7 @@ class HybridEngineCore:
         generation_module: str | None = None,
         inference_backend: InferenceBackend = "auto",
         cache_frozen_weights: bool = False,
+        gather_once_per_step: bool = False,
         kv_cache: KVCache = "dynamic",
         share_prompt_prefill: bool = True,
         sampler: Sampler = "inverse_cdf",
@@ -183,6 +192,7 @@ class HybridEngineCore:
             inference_backend=inference_backend,
             kernel_check_interval=kernel_check_interval,
             cache_frozen_weights=cache_frozen_weights,
+            gather_once_per_step=gather_once_per_step,
             kv_cache=kv_cache,
             share_prompt_prefill=share_prompt_prefill,
             sampler=sampler,
@@ -385,6 +395,7 @@ class HybridEngineCore:
         if self._in_generation:
             raise RuntimeError("export_actor() cannot run inside `strategy.generation()`: call it after the block.")
         engine = self.hybrid_engine
+        engine.release_held()  # exported from the partitions, as ZeRO-3 holds them
         module = engine.generation_module
         params = missing_params(module.parameters(), engine) if engine.Z3_enabled else []
         sliced = self.settings.training_tp_size > 1 or self.mpu is not None

@@ -272,3 +272,72 @@ def test_a_failure_while_gathering_undoes_the_swaps_and_the_detached_hooks(monke
     module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.0)
     fit(module, HybridEngineStrategy(config=config, cache_frozen_weights=True), steps=3)
     assert seen["ok"]
+
+
+class _GatherOnceModule(RolloutModule):
+    """Generates inside the step, then trains; records the actor gathers the metric logged for each step."""
+
+    def __init__(self, actor, fail_at_step: int | None = None):
+        super().__init__(actor, self.rollout, lr=0.05)
+        self.fail_at_step = fail_at_step
+        self.gathers: list[float] = []
+        self.between_steps: list[tuple] = []
+
+    def rollout(self, module, batch):
+        ids, mask = batch
+        with self.trainer.strategy.generation() as actor:
+            actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
+        if self.global_step == self.fail_at_step:
+            raise ValueError("boom")  # between the generation and the backward
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.between_steps.append((sharding_state(self.actor), hook_state(self.actor)))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.gathers.append(float(self.trainer.callback_metrics["hybrid_engine/actor_gathers"]))
+
+    def configure_optimizers(self):
+        # Plain SGD: the weights then differ by lr x the gradients' difference (Adam's m / sqrt(v) would turn
+        # summation-order noise in near-zero gradients into whole steps).
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gather_once_per_step_trains_the_same_weights(lora):
+    """gather_once_per_step: after 3 generate-and-train steps the weights equal today's path's (the gradients
+    reduced into the same partitions); the actor is all-gathered once a step instead of once per pass (the metric:
+    1 against ~3 here: generation, forward, backward (all but the embedding)); between steps it is partitioned with
+    ZeRO-3's hooks back. ZeRO-3 releases each weight after use and prefetches nothing here: on a model this small
+    its defaults would keep every weight gathered across the step anyway."""
+    weights, runs = {}, {}
+    for once in (False, True):
+        module = _GatherOnceModule(add_peft_lora(tiny_llama()) if lora else tiny_llama())
+        config = ds_config(3, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+        strategy = HybridEngineStrategy(config=config, gather_once_per_step=once)
+        fit(module, strategy, steps=3)
+        weights[once], runs[once] = snapshot(module), module
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)  # fp32 summation order
+    initial = _initial(lora)
+    assert any(not torch.equal(value, initial[name]) for name, value in weights[True].items())  # it trained
+    assert all(2.5 < gathers <= 3.0 for gathers in runs[False].gathers), runs[False].gathers
+    assert runs[True].gathers == pytest.approx([1.0] * 3, abs=0.05)
+    first = runs[True].between_steps[0]
+    assert all(state == first for state in runs[True].between_steps)
+    assert all(s == ZeroParamStatus.NOT_AVAILABLE and n == 0 for _, s, n in first[0])
+
+
+def _initial(lora: bool) -> dict[str, torch.Tensor]:
+    actor = add_peft_lora(tiny_llama()) if lora else tiny_llama()
+    return {n: p.detach().clone() for n, p in actor.named_parameters()}
+
+
+def test_gather_once_per_step_gives_the_actor_back_when_the_step_fails():
+    """An exception after the generation, before the backward: the held actor goes back to ZeRO-3 (partitioned,
+    hooks in place) with its weights as they were."""
+    module = _GatherOnceModule(add_peft_lora(tiny_llama()), fail_at_step=1)
+    with pytest.raises(ValueError, match="boom"):
+        fit(module, HybridEngineStrategy(config=ds_config(3), gather_once_per_step=True), steps=3)
+    before_failing_step = module.between_steps[1]
+    assert sharding_state(module.actor) == before_failing_step[0]
+    assert hook_state(module.actor) == before_failing_step[1]

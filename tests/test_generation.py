@@ -463,11 +463,15 @@ def test_output_logprobs_equal_the_scoring_forward():
         strategy = module.trainer.strategy
         sampling = dict(max_new_tokens=6, do_sample=True, temperature=0.7, top_k=0, pad_token_id=0)
         with strategy.generation() as actor:
-            out = actor.generate(ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, **sampling)
+            out = actor.generate(
+                ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, **sampling
+            )
             with pytest.raises(ValueError, match="return_dict_in_generate=True"):
                 actor.generate(ids, attention_mask=mask, output_logprobs=True, **sampling)
             with pytest.raises(ValueError, match="num_beams"):
-                actor.generate(ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, num_beams=2)
+                actor.generate(
+                    ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, num_beams=2
+                )
         assert strategy.generation_stats.prompt_tokens_reused > 0
         responses = out.sequences[:, ids.shape[1] :]
         reference = unsharded_reference(module, "peft")
@@ -475,5 +479,60 @@ def test_output_logprobs_equal_the_scoring_forward():
             scored = response_logprobs(reference, ids, mask, responses, temperature=0.7, share_prompt=False)
         seen[module.global_step] = (out.logprobs - scored).abs().max().item()
 
-    fit(RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05), HybridEngineStrategy(config=ds_config(3)), steps=2)
+    fit(
+        RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.05), HybridEngineStrategy(config=ds_config(3)), steps=2
+    )
     assert seen.keys() == {0, 1} and max(seen.values()) < 1e-5, seen
+
+
+@pytest.mark.parametrize(
+    "stage,pin,lora,precision",
+    [
+        (3, True, "peft", "bf16-mixed"),
+        (3, False, "peft", "bf16-mixed"),
+        (3, True, None, "bf16-mixed"),
+        (2, True, "peft", "bf16-true"),
+    ],
+    ids=["zero3-lora-mixed", "zero3-layerwise-lora-mixed", "zero3-full-mixed", "zero2-lora-true"],
+)
+def test_bf16_parity_and_nothing_lost(stage, pin, lora, precision):
+    """In bf16 (DeepSpeed's bf16-mixed: bf16 weights, fp32 master copies; and bf16-true): greedy tokens in the
+    context, GRPO rows sharing their prompt's prefill included, equal the unsharded merged policy's in bf16 (its
+    buffers as the policy holds them), before and after steps; scoring log-probs within bf16 rounding (2e-2; the
+    adapter alone moves them by ~0.2); rollout log-probs likewise; weights, sharding, hooks, modes and the training
+    RNG bitwise as before every context."""
+    ids, mask = grpo_prompts()
+    checked = []
+
+    def on_step(module, batch):
+        strategy = module.trainer.strategy
+        assert next(module.actor.parameters()).dtype == torch.bfloat16
+        reference = unsharded_reference(module, lora, torch.bfloat16)
+        with torch.no_grad(), native_linear():
+            want = reference.generate(ids, attention_mask=mask, **GREEDY)
+            want_lp = log_probs(reference, ids, mask)
+        before = (snapshot(module), sharding_state(module.actor), hook_state(module.actor), mode_state(module.actor))
+        rng = torch.get_rng_state()
+        with strategy.generation() as actor:
+            got = actor.generate(ids, attention_mask=mask, output_logprobs=True, return_dict_in_generate=True, **GREEDY)
+            got_lp = log_probs(actor, ids, mask)
+        assert strategy.generation_stats.prompt_tokens_reused > 0  # the shared prefill ran
+        assert torch.equal(got.sequences, want), f"step {module.global_step}: greedy tokens differ in bf16"
+        assert (got_lp - want_lp).abs().max() <= 2e-2
+        with torch.no_grad(), native_linear():
+            logits = reference(
+                input_ids=want, attention_mask=torch.cat([mask, torch.ones_like(want[:, ids.shape[1] :])], 1)
+            ).logits
+        scored = torch.log_softmax(logits[:, ids.shape[1] - 1 : -1].float(), -1).gather(
+            -1, want[:, ids.shape[1] :, None]
+        )
+        assert (got.logprobs - scored[..., 0]).abs().max() <= 2e-2
+        after = (snapshot(module), sharding_state(module.actor), hook_state(module.actor), mode_state(module.actor))
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert after[1:] == before[1:]
+        assert all(torch.equal(after[0][name], before[0][name]) for name in before[0])
+        checked.append(module.global_step)
+
+    strategy = HybridEngineStrategy(config=ds_config(stage), pin_parameters=pin, tp_gather_partition_size=1)
+    fit(RolloutModule(make_actor(lora), on_step, lr=0.05), strategy, steps=3, precision=precision)
+    assert checked == [0, 1, 2]

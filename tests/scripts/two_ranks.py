@@ -261,6 +261,71 @@ def scenario_front_ends(args) -> None:
             assert all_equal_across_ranks(flat), f"{label}: ranks disagree on the weights"
 
 
+def scenario_step(args) -> None:
+    """The RL step's precision and gathers on 2 ranks, each with its own prompts.
+
+    bf16-mixed (ZeRO-3 + LoRA, ZeRO-2 full fine-tuning): every rank's greedy tokens, rows sharing their prompt's
+    prefill included, equal the whole merged policy's in bf16; weights, sharding and hooks bitwise as before each
+    context. gather_once_per_step (ZeRO-3 + LoRA, SGD): 3 steps end with today's weights within fp32 tolerance on
+    every rank, with the actor all-gathered once a step (the logged metric) instead of ~3 times.
+    """
+    from helpers import make_actor, snapshot, unsharded_reference
+
+    def state(module):
+        sharding = [(n, p.ds_status, p.data.numel()) for n, p in module.actor.named_parameters() if hasattr(p, "ds_id")]
+        hooks = [(n, list(m._forward_pre_hooks), list(m._forward_hooks)) for n, m in module.actor.named_modules()]
+        return sharding, hooks
+
+    for stage, lora in ((3, "peft"), (2, None)):
+
+        def on_step(module, batch, stage=stage, lora=lora):
+            rank = module.global_rank
+            ids, mask = prompts(batch=2, length=5 + rank, seed=rank + 10 * module.global_step)
+            ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # GRPO rows
+            reference = unsharded_reference(module, lora, torch.bfloat16)
+            want = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            before, before_state = snapshot(module), state(module)
+            with module.trainer.strategy.generation() as actor:
+                got = actor.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            label = f"bf16 stage={stage} lora={lora} rank {rank} step {module.global_step}"
+            assert module.trainer.strategy.generation_stats.prompt_tokens_reused > 0, label
+            assert torch.equal(got, want), f"{label}: context != merged bf16 reference"
+            assert state(module) == before_state, f"{label}: sharding or hooks differ"
+            after = snapshot(module)
+            assert all(torch.equal(after[n], before[n]) for n in before), f"{label}: weights changed"
+
+        module = RolloutModule(make_actor(lora), on_step, lr=0.05)
+        fit(module, HybridEngineStrategy(config=ds_config(stage)), steps=2, devices=2, precision="bf16-mixed")
+
+    class Once(RolloutModule):
+        def __init__(self):
+            super().__init__(add_peft_lora(tiny_llama()), self.rollout, lr=0.05)
+            self.gathers = []
+
+        def rollout(self, module, batch):
+            with self.trainer.strategy.generation() as actor:
+                actor.generate(batch[0], attention_mask=batch[1], max_new_tokens=3, do_sample=True)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.gathers.append(float(self.trainer.callback_metrics["hybrid_engine/actor_gathers"]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    weights, gathers = {}, {}
+    for once in (False, True):
+        module = Once()
+        config = ds_config(3, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+        fit(module, HybridEngineStrategy(config=config, gather_once_per_step=once), steps=3, devices=2)
+        weights[once], gathers[once] = snapshot(module), module.gathers
+    for name, today in weights[False].items():
+        torch.testing.assert_close(weights[True][name], today, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(2.5 < g <= 3.0 for g in gathers[False]), gathers[False]
+    assert gathers[True] == [1.0, 1.0, 1.0], gathers[True]
+    flat = torch.cat([p.flatten() for p in weights[True].values()])
+    assert all_equal_across_ranks(flat), "gather_once_per_step: ranks disagree on the weights"
+
+
 def rollout_loss(model, ids, mask) -> torch.Tensor:
     """RolloutModule's training loss, for a reference trained by plain torch."""
     logits = model(input_ids=ids, attention_mask=mask).logits
@@ -627,7 +692,19 @@ if __name__ == "__main__":
     parser.add_argument(
         "scenarios",
         nargs="+",
-        choices=["fit", "eos", "rank_fault", "tp", "front_ends", "score", "autotp", "mpu", "dp_tp", "tp_checkpoint"],
+        choices=[
+            "fit",
+            "eos",
+            "rank_fault",
+            "tp",
+            "front_ends",
+            "score",
+            "step",
+            "autotp",
+            "mpu",
+            "dp_tp",
+            "tp_checkpoint",
+        ],
     )
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--pin", type=int, default=1)
