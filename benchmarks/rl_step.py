@@ -54,6 +54,10 @@ PATHS = {
         "--model.reference=copy",
     ],
     "shared": [],
+    # issue 27: the precision users train in, and the actor held gathered from generation through the backward
+    "shared+once": ["--trainer.strategy.init_args.gather_once_per_step=true"],
+    "bf16": ["--trainer.precision=bf16-mixed"],
+    "bf16+once": ["--trainer.precision=bf16-mixed", "--trainer.strategy.init_args.gather_once_per_step=true"],
 }
 PHASES = {  # name in the table: metric logged by the example
     "generate": "hybrid_engine/generate_s",
@@ -63,6 +67,8 @@ PHASES = {  # name in the table: metric logged by the example
     "backward": "time/backward_s",
     "optimizer": "time/optimizer_s",
     "whole step": "hybrid_engine/step_s",
+    "actor all-gathers per step": "hybrid_engine/actor_gathers",
+    "rollout log-prob gap, max": "rollout_logprob_gap_max",
 }
 
 
@@ -70,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    parser.add_argument(
+        "--paths", default="plain,shared", help=f"comma-separated, the first is the baseline; of {list(PATHS)}"
+    )
     parser.add_argument("--steps", type=int, default=5, help="steps per run; the first is left out")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each path per process count, alternated")
     parser.add_argument("--json", type=Path, default=None)
@@ -88,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is ZeRO-3's warm-up)")
     args.processes = [int(p) for p in args.processes.split(",")]
+    args.paths = args.paths.split(",")
+    if len(args.paths) < 2 or any(path not in PATHS for path in args.paths):
+        parser.error(f"--paths: two or more of {list(PATHS)}")
+    if args.paths != ["plain", "shared"]:
+        args.alternate = args.floor = False  # those compare the plain and the shared path only
     args.json = args.json or ROOT / "benchmarks" / "results" / f"rl_step_{args.model}.json"
     return args
 
@@ -127,7 +141,7 @@ def run_example(args: argparse.Namespace, path: str, processes: int, workdir: Pa
     logged = [m for _, m in sorted(by_step.items()) if "hybrid_engine/step_s" in m]
     if path != "alternate":
         return {"path": path, "processes": processes, "wall_s": wall, "steps": logged[1:]}
-    both = {name: [m for m in logged if m["bench/shared"] == (name == "shared")][1:] for name in PATHS}
+    both = {name: [m for m in logged if m["bench/shared"] == (name == "shared")][1:] for name in ("plain", "shared")}
     return {"path": path, "processes": processes, "wall_s": wall, "steps": both}
 
 
@@ -146,19 +160,31 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def comparison_rows(plain: dict, shared: dict, names: list[str]) -> list[str]:
-    """A markdown table of plain next to shared; the ratio says how many times better the shared path is."""
-    lines = ["| | plain | shared | plain / shared |", "| --- | --- | --- | --- |"]
+NO_RATIO = ("prompt positions reused per step", "actor all-gathers per step", "rollout log-prob gap, max")
+
+
+def comparison_rows(by_path: dict[str, dict], names: list[str]) -> list[str]:
+    """A markdown table, one column per path; the ratios say how many times better each path is than the first."""
+    paths = list(by_path)
+    base = paths[0]
+    lines = [
+        "| | " + " | ".join(paths) + " | " + " | ".join(f"{base} / {p}" for p in paths[1:]) + " |",
+        "| --- |" + " --- |" * (2 * len(paths) - 1),
+    ]
     for name in names:
-        a, b = plain[name], shared[name]
-        if name == "prompt positions reused per step":
-            lines.append(f"| {name} | {a:.0f} | {b:.0f} | |")
-            continue
-        if name == "generated tokens/s":  # a rate: more is better
-            ratio = f"{b / a:.2f}x (shared / plain)" if a else "-"
-        else:
-            ratio = f"{a / b:.2f}x" if b else "-"
-        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {ratio} |")
+        values = [by_path[p].get(name, 0.0) for p in paths]
+        cells = [f"{v:.3g}" if name in NO_RATIO else f"{v:.3f}" for v in values]
+        ratios = []
+        for v in values[1:]:
+            if name in NO_RATIO:
+                ratios.append("")
+            elif name == "generated tokens/s":  # a rate: more is better
+                ratios.append(
+                    f"{v / values[0]:.2f}x ({'this' if len(paths) > 2 else paths[1]} / {base})" if values[0] else "-"
+                )
+            else:
+                ratios.append(f"{values[0] / v:.2f}x" if v else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return lines
 
 
@@ -168,24 +194,30 @@ SUMMARY_ROWS = [*PHASES, "generated tokens/s", "peak RSS (MiB, largest rank)", "
 def table(results: dict[int, dict[str, dict]]) -> str:
     lines = []
     for processes, by_path in results.items():
-        lines += [f"\n{processes} process(es):\n", *comparison_rows(by_path["plain"], by_path["shared"], SUMMARY_ROWS)]
+        lines += [f"\n{processes} process(es):\n", *comparison_rows(by_path, SUMMARY_ROWS)]
     return "\n".join(lines)
 
 
 def alternate_table(by_path: dict[str, dict]) -> str:
     # No memory row: one fit holds both paths' models.
     names = [name for name in SUMMARY_ROWS if not name.startswith("peak RSS")]
-    return "\n".join(comparison_rows(by_path["plain"], by_path["shared"], names))
+    return "\n".join(comparison_rows(by_path, names))
 
 
 def verdict(by_path: dict[str, dict]) -> str:
-    """The issue's targets, read from one comparison."""
-    step = by_path["plain"]["whole step"] / by_path["shared"]["whole step"]
-    generation = by_path["shared"]["generated tokens/s"] / by_path["plain"]["generated tokens/s"]
-    return f"whole step {step:.2f}x faster (target 1.8x), generation {generation:.2f}x plain generate (target 1.2x)"
+    """Each path's whole step and generation against the first path's."""
+    paths = list(by_path)
+    base = by_path[paths[0]]
+    parts = []
+    for path in paths[1:]:
+        step = base["whole step"] / by_path[path]["whole step"]
+        generation = by_path[path]["generated tokens/s"] / base["generated tokens/s"]
+        memory = by_path[path]["peak RSS (MiB, largest rank)"] / base["peak RSS (MiB, largest rank)"]
+        parts.append(f"{path}: whole step {step:.2f}x, generation {generation:.2f}x, peak memory {memory:.2f}x")
+    return f"against {paths[0]}: " + "; ".join(parts)
 
 
-FLOOR_PHASES = list(PHASES)  # the same phases, timed by hand in plain PyTorch
+FLOOR_PHASES = [name for name in PHASES if name not in NO_RATIO]  # the same phases, timed by hand in plain PyTorch
 
 
 def floor(args: argparse.Namespace) -> dict[str, dict]:
@@ -337,7 +369,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="rl_step_") as tmp:
         for processes in args.processes:
             for repeat in range(args.repeats):
-                order = ["plain", "shared"] if repeat % 2 == 0 else ["shared", "plain"]
+                order = args.paths if repeat % 2 == 0 else args.paths[::-1]
                 for path in order:
                     workdir = Path(tmp) / f"{path}_{processes}_{repeat}"
                     workdir.mkdir()
@@ -351,9 +383,9 @@ def main(argv=None) -> None:
             run = run_example(args, "alternate", 1, workdir)
             print(f"both paths in one fit x1: {run['wall_s']:.0f} s", flush=True)
             runs.append(run)
-            alternated = {path: summarize([{"steps": run["steps"][path]}]) for path in PATHS}
+            alternated = {path: summarize([{"steps": run["steps"][path]}]) for path in ("plain", "shared")}
     results = {
-        p: {path: summarize([r for r in runs if r["processes"] == p and r["path"] == path]) for path in PATHS}
+        p: {path: summarize([r for r in runs if r["processes"] == p and r["path"] == path]) for path in args.paths}
         for p in args.processes
     }
     header = (
@@ -363,8 +395,7 @@ def main(argv=None) -> None:
     )
     print(header + table(results))
     for processes, by_path in results.items():
-        memory = by_path["shared"]["peak RSS (MiB, largest rank)"] < by_path["plain"]["peak RSS (MiB, largest rank)"]
-        print(f"{processes} process(es): {verdict(by_path)}, peak memory below the plain path's: {memory}")
+        print(f"{processes} process(es): {verdict(by_path)}")
     if alternated:
         print(f"\nBoth paths in one fit, each batch stepped by both ({args.steps} steps per path, first left out):\n")
         print(alternate_table(alternated))
@@ -372,7 +403,7 @@ def main(argv=None) -> None:
     floors = floor(args) if args.floor else None
     if floors:
         print(f"\nPlain PyTorch, in this process, both paths alternated ({args.steps} steps, first left out):\n")
-        print("\n".join(comparison_rows(floors["plain"], floors["shared"], FLOOR_PHASES)))
+        print("\n".join(comparison_rows(floors, FLOOR_PHASES)))
         ratio = floors["plain"]["whole step"] / floors["shared"]["whole step"]
         print(f"compute floor of the ratio: whole step {ratio:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,11 @@ class GRPO(LightningModule):
             the data appears); the rest is for brevity. 0 rewards brevity alone (the tiny
             random model can never be right).
         num_samples: prompts answered greedily before and after training, for the report.
+        updates_per_rollout: optimizer steps per rollout (TRL's ``num_iterations``). 1: one policy-gradient
+            step per rollout. More: the rollout is reused for that many training steps (their own batches
+            are skipped) with PPO's clipped ratio against the old policy, whose log-probs are the ones
+            recorded while sampling (``output_logprobs``): no extra forward.
+        clip_eps: PPO's clipping range for ``updates_per_rollout > 1``.
     """
 
     def __init__(
@@ -205,10 +210,14 @@ class GRPO(LightningModule):
         max_words: int = 5,
         correct_weight: float = 0.5,
         num_samples: int = 4,
+        updates_per_rollout: int = 1,
+        clip_eps: float = 0.2,
     ) -> None:
         super().__init__()
         if group_size < 2:
             raise ValueError(f"`group_size` must be at least 2 (the group is GRPO's baseline), got {group_size}.")
+        if updates_per_rollout < 1:
+            raise ValueError(f"`updates_per_rollout` must be at least 1, got {updates_per_rollout}.")
         if reference not in ("auto", "adapter", "copy"):
             raise ValueError(f"`reference` must be 'auto', 'adapter' or 'copy', got {reference!r}.")
         if reference == "adapter" and not lora:
@@ -224,6 +233,7 @@ class GRPO(LightningModule):
         self.reference: nn.Module | None = None
         self.tokenizer: Any = None
         self.eos_ids: list[int] = []
+        self.rollout: dict[str, Any] | None = None  # the latest rollout, reused for updates_per_rollout steps
 
     def setup(self, stage: str) -> None:
         # Built here, not in __init__: once the Trainer's precision is known, and not for --print_config.
@@ -285,8 +295,9 @@ class GRPO(LightningModule):
         ids = responses.masked_fill(mask == 0, self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def generate(self, ids: torch.Tensor, mask: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Responses only (prompt columns dropped). Every process must call this together."""
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses only (prompt columns dropped), and each token's log-prob under the distribution it was
+        drawn from (recorded while sampling). Every process must call this together."""
         # Plain sampling from the policy (no top-k / top-p): the log-probs trained on are the sampled ones.
         sampling = {"do_sample": True, "temperature": self.hparams.temperature, "top_k": 0} if sample else {}
         with self.trainer.strategy.generation() as actor:
@@ -296,15 +307,17 @@ class GRPO(LightningModule):
                 max_new_tokens=self.hparams.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.eos_ids,
+                output_logprobs=True,
+                return_dict_in_generate=True,
                 **({"do_sample": False} | sampling),
             )
-        return out[:, ids.shape[1] :]
+        return out.sequences[:, ids.shape[1] :], out.logprobs
 
     @torch.no_grad()
     def answer(self, items: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
         """Greedy answers and their rewards, for the before/after report."""
         ids, mask = self.encode([item["prompt"] for item in items])
-        responses = self.generate(ids, mask, sample=False)
+        responses, _ = self.generate(ids, mask, sample=False)
         resp_mask, finished = self.response_mask(responses)
         texts = self.decode(responses, resp_mask)
         return texts, self.score(texts, finished, [item["answers"] for item in items]).tolist()
@@ -316,39 +329,57 @@ class GRPO(LightningModule):
 
     # -- training -----------------------------------------------------------------------
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        if self.rollout is None or batch_idx % self.hparams.updates_per_rollout == 0:
+            self.rollout = self.make_rollout(batch)  # else: another update on the latest rollout, batch skipped
+        r = self.rollout
+        resp_mask, tokens = r["resp_mask"], r["resp_mask"].sum().clamp(min=1)
+
+        # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
+        # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
+        logp = self.policy_logprobs(r["prompt_ids"], r["prompt_mask"], r["responses"], resp_mask)
+        ref_logp = r["ref_logp"]
+        loss, kl = self.loss(logp, ref_logp, r["advantages"], resp_mask, r["old_logp"])
+        metrics = {"loss": loss.detach(), "kl": (kl * resp_mask).sum() / tokens}
+        if r["fresh"]:  # the policy that sampled: its rollout log-probs against the scoring forward's
+            gap = (logp.detach() - r["old_logp"]).abs() * resp_mask
+            metrics |= {"rollout_logprob_gap_max": gap.max(), "rollout_logprob_gap_mean": gap.sum() / tokens}
+            r["fresh"] = False
+            self.log("reward", r["rewards"].mean(), prog_bar=True, sync_dist=True, batch_size=len(batch))
+            metrics |= {
+                "response_tokens": resp_mask.sum(1).float().mean(),
+                "finished": r["finished"].float().mean(),
+                "reward_std_in_group": r["rewards"].view(-1, self.hparams.group_size).std(1).mean(),
+            }
+        self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
+        return loss
+
+    def make_rollout(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Sample G responses per prompt, score them, and keep what every update on them needs."""
         G = self.hparams.group_size
         prompt_ids, prompt_mask = self.encode([item["prompt"] for item in batch])
 
         # 1. rollouts: G sampled responses per prompt, from the current policy. The rows repeat each prompt
         # G times; the generation context computes each prompt once and shares its KV cache.
-        responses = self.generate(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), sample=True)
+        responses, old_logp = self.generate(
+            prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), sample=True
+        )
         resp_mask, finished = self.response_mask(responses)
         texts = self.decode(responses, resp_mask)
 
         # 2. rewards, and advantages relative to the other responses to the same prompt
         rewards = self.score(texts, finished, [item["answers"] for item in batch for _ in range(G)])
-        advantages = group_advantages(rewards, G)
-
-        # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
-        # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
-        logp = self.policy_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
-        ref_logp = self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
-        loss, kl = self.loss(logp, ref_logp, advantages, resp_mask)
-        tokens = resp_mask.sum().clamp(min=1)
-
-        self.log("reward", rewards.mean(), prog_bar=True, sync_dist=True, batch_size=len(batch))
-        self.log_dict(
-            {
-                "loss": loss.detach(),
-                "kl": (kl * resp_mask).sum() / tokens,
-                "response_tokens": resp_mask.sum(1).float().mean(),
-                "finished": finished.float().mean(),
-                "reward_std_in_group": rewards.view(-1, G).std(1).mean(),
-            },
-            sync_dist=True,
-            batch_size=len(batch),
-        )
-        return loss
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "responses": responses,
+            "resp_mask": resp_mask,
+            "finished": finished,
+            "rewards": rewards,
+            "advantages": group_advantages(rewards, G),
+            "old_logp": old_logp,
+            "ref_logp": self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask),
+            "fresh": True,
+        }
 
     def policy_logprobs(self, prompt_ids, prompt_mask, responses, resp_mask) -> torch.Tensor:
         """The actor's log-probs of the responses, with grad: what the loss trains."""
@@ -365,12 +396,25 @@ class GRPO(LightningModule):
             return self.token_logprobs(self.actor, prompt_ids, prompt_mask, responses, resp_mask)
 
     def loss(
-        self, logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor, resp_mask: torch.Tensor
+        self,
+        logp: torch.Tensor,
+        ref_logp: torch.Tensor | None,
+        advantages: torch.Tensor,
+        resp_mask: torch.Tensor,
+        old_logp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GRPO's loss, a token-level mean over the batch, and the per-token KL towards the reference."""
-        # One gradient step per rollout, so the PPO ratio pi/pi_old is 1 and its clipping never
-        # triggers: the objective is the plain policy gradient A * log pi.
-        loss_per_token = -advantages[:, None] * logp
+        """GRPO's loss, a token-level mean over the batch, and the per-token KL towards the reference.
+
+        ``old_logp``: the sampling policy's log-probs, for ``updates_per_rollout > 1``."""
+        if self.hparams.updates_per_rollout == 1:
+            # One gradient step per rollout, so the PPO ratio pi/pi_old is 1 and its clipping never
+            # triggers: the objective is the plain policy gradient A * log pi.
+            loss_per_token = -advantages[:, None] * logp
+        else:  # PPO's clipped ratio against the policy that sampled (its log-probs recorded while sampling)
+            ratio = (logp - old_logp).exp()
+            eps = self.hparams.clip_eps
+            A = advantages[:, None]
+            loss_per_token = -torch.minimum(ratio * A, ratio.clamp(1 - eps, 1 + eps) * A)
         kl = torch.zeros_like(logp)
         if ref_logp is not None:
             log_ratio = ref_logp - logp

@@ -246,7 +246,7 @@ class Materializer:
     everything back on exit, whatever happened inside. The generation context reads the rest:
 
     * ``collectives_per_forward``: every forward gathers from all ranks, so ranks step (and prefill) together;
-    * ``pools_ranks``: a tensor-parallel group generates one pooled batch (``generate``, inference_tp.py);
+    * ``pools_ranks``: a tensor-parallel group generates one pooled batch (``pooled``, inference_tp.py);
     * ``holding``: after a clean exit the weights stay gathered for the training step (``PinnedGather``'s
       ``hold``) until ``release()``;
     * what it cost: ``gathered_bytes`` and ``sliced_bytes`` on entry, ``fuse_s`` folding LoRA in and

@@ -360,13 +360,9 @@ class GenerationContext:
                 "With inference_tp_size > 1, beam search with num_return_sequences > 1 cannot be pooled across the"
                 " group. Set num_return_sequences=1, or inference_tp_size=1."
             )
-
-        def generate(**pooled: Any) -> torch.Tensor:
-            self._attach_workspace(pooled, call.config)
-            self._share_prompts(pooled, call.config, ranks_agree=False)  # the group generates this pooled batch
-            return self._original_generate(**pooled)
-
-        return self.materializer.generate(generate, call.kwargs, call.pad_id, call.eos_ids)
+        with self.materializer.pooled(call.kwargs, call.pad_id, call.eos_ids) as batch:
+            output = self._generate_on_a_backend(call, batch.kwargs)
+        return batch.mine(output)
 
     def _generate_once(self, call: GenerateCall, kwargs: dict[str, Any]):
         """One ``generate`` call, with each sampled token's log-prob recorded when the call asked."""

@@ -23,7 +23,9 @@ from __future__ import annotations
 import copy
 import functools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -281,8 +283,10 @@ class TensorParallelGather(Materializer):
                 raise ValueError(f"Tensor-parallel generation: rank {self.leader + rank} of its group: {failure}")
         return [p for p, _ in gathered]
 
-    def generate(self, generate: Callable, kwargs: dict[str, Any], pad_id: int, eos_ids: list[int]) -> torch.Tensor:
-        """Generates the group's prompts as one batch; returns this rank's rows."""
+    @contextmanager
+    def pooled(self, kwargs: dict[str, Any], pad_id: int, eos_ids: list[int]) -> Iterator[PooledBatch]:
+        """The group's prompts as one batch, for the block: the caller generates ``batch.kwargs`` (the same batch
+        on every rank of the group, from the same RNG state) and takes its own rows with ``batch.mine(output)``."""
         ids, mask, error = self._own_request(kwargs, pad_id, "generate")
         settings = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
         wants_dict = settings.get("return_dict_in_generate") or _config_flag(kwargs, "return_dict_in_generate")
@@ -298,13 +302,17 @@ class TensorParallelGather(Materializer):
         pooled_ids, pooled_mask, (offset, rows, pad_left) = self._pool(parts, pad_id, left=True)
         device = kwargs["input_ids"].device
         self._sync_rng()
-        self._pooling = True
+        self._pooling = True  # the forwards inside are generate()'s own: already one batch for the group
         try:
-            out = generate(input_ids=pooled_ids.to(device), attention_mask=pooled_mask.to(device), **settings)
+            yield PooledBatch(
+                {"input_ids": pooled_ids.to(device), "attention_mask": pooled_mask.to(device), **settings},
+                slice(offset, offset + rows),
+                pad_left,
+                ids.shape[1],
+                eos_ids,
+            )
         finally:
             self._pooling = False
-        mine = out[offset : offset + rows, pad_left:]
-        return _cut_finished(mine, ids.shape[1], eos_ids)
 
     def _own_request(self, kwargs: dict[str, Any], pad_id: int, call: str) -> tuple:
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
@@ -383,6 +391,21 @@ class TensorParallelGather(Materializer):
             self._pooling = False
         logits = out.logits[offset : offset + rows, : ids.shape[1]]
         return CausalLMOutputWithPast(logits=logits)
+
+
+@dataclass
+class PooledBatch:
+    """A tensor-parallel group's requests as one batch (``kwargs``), and which of its rows are this rank's."""
+
+    kwargs: dict[str, Any]
+    rows: slice
+    pad_left: int  # columns of left padding this rank's prompts got to match the group's longest
+    prompt_length: int
+    eos_ids: list[int]
+
+    def mine(self, sequences: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the pooled output, as generating them alone would have returned them."""
+        return _cut_finished(sequences[self.rows, self.pad_left :], self.prompt_length, self.eos_ids)
 
 
 def _config_flag(kwargs: dict[str, Any], name: str) -> bool:

@@ -112,14 +112,14 @@ def test_rl_step_benchmark_tiny(tmp_path):
         assert results[path]["measured steps"] == 1
     assert results["plain"]["prompt positions reused per step"] == 0
     assert results["shared"]["prompt positions reused per step"] > 0
-    assert "| whole step |" in proc.stdout and "1 process(es): whole step" in proc.stdout
+    assert "| whole step |" in proc.stdout and "1 process(es): against plain: shared: whole step" in proc.stdout
     alternated = json.loads(out.read_text())["alternated"]  # each batch by both paths, in one fit
     assert_every_phase_timed(alternated)
     for path in ("plain", "shared"):
         assert alternated[path]["measured steps"] == 1
     assert alternated["plain"]["prompt positions reused per step"] == 0
     assert alternated["shared"]["prompt positions reused per step"] > 0
-    assert "1 process, one fit: whole step" in proc.stdout
+    assert "1 process, one fit: against plain: shared: whole step" in proc.stdout
     floor = json.loads(out.read_text())["floor"]
     assert_every_phase_timed(floor)
     assert "compute floor of the ratio: whole step" in proc.stdout
