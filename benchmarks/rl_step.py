@@ -20,10 +20,10 @@ default ``benchmarks/results/rl_step_<model>.json``). See benchmarks/README.md.
 
 On this project's shared 2-core machines the speed of the machine drifts 1.5-2x within minutes, so two
 fits run one after the other can disagree by more than the paths do. ``--alternate`` (the default on one
-process) therefore also runs one more fit in which every batch is stepped twice, by the plain path
-and by the shared path (the order swapped every other batch): the same process, engine, batches and
-moment, so the ratio it reads is the paths' own. Memory can only come from the separate fits (one fit
-holds both paths' models).
+process, for ``--paths plain,shared`` and ``shared,shared+once``) therefore also runs one more fit in which
+every batch is stepped twice, by each of the two paths (the order swapped every other batch): the same
+process, engine, batches and moment, so the ratio it reads is the paths' own. Memory can only come from
+the separate fits (one fit holds both paths' models).
 
 ``--floor`` also times the same step in plain PyTorch in this process (no DeepSpeed, no Lightning:
 ``transformers`` generate, the example's scoring and loss, AdamW), both paths alternated step by step:
@@ -100,8 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.paths = args.paths.split(",")
     if len(args.paths) < 2 or any(path not in PATHS for path in args.paths):
         parser.error(f"--paths: two or more of {list(PATHS)}")
+    if args.paths not in ALTERNATE_PAIRS:
+        args.alternate = False  # one fit stepping each batch by both paths: for the pairs it knows
     if args.paths != ["plain", "shared"]:
-        args.alternate = args.floor = False  # those compare the plain and the shared path only
+        args.floor = False
     args.json = args.json or ROOT / "benchmarks" / "results" / f"rl_step_{args.model}.json"
     return args
 
@@ -112,8 +114,12 @@ def run_example(args: argparse.Namespace, path: str, processes: int, workdir: Pa
     ``path="alternate"``: the fit of :func:`alternate_worker`, ``2 * steps`` steps, both paths' first left out.
     """
     if path == "alternate":
-        # A frozen copy for the plain path's steps; the shared path's steps use the adapter.
-        command = [sys.executable, str(Path(__file__).resolve()), ALTERNATE_WORKER, "fit", "--model.reference=copy"]
+        command = [sys.executable, str(Path(__file__).resolve()), ALTERNATE_WORKER, ",".join(args.paths), "fit"]
+        if args.paths == [
+            "plain",
+            "shared",
+        ]:  # a frozen copy for the plain path's steps; the shared path's: the adapter
+            command += ["--model.reference=copy"]
         command += ["--trainer.use_distributed_sampler=false"]  # one process: its batch sampler stays as it is
     else:
         command = [sys.executable, str(EXAMPLE), "fit", *PATHS[path]]
@@ -141,7 +147,8 @@ def run_example(args: argparse.Namespace, path: str, processes: int, workdir: Pa
     logged = [m for _, m in sorted(by_step.items()) if "hybrid_engine/step_s" in m]
     if path != "alternate":
         return {"path": path, "processes": processes, "wall_s": wall, "steps": logged[1:]}
-    both = {name: [m for m in logged if m["bench/shared"] == (name == "shared")][1:] for name in ("plain", "shared")}
+    first, second = args.paths
+    both = {name: [m for m in logged if m["bench/second"] == (name == second)][1:] for name in (first, second)}
     return {"path": path, "processes": processes, "wall_s": wall, "steps": both}
 
 
@@ -330,12 +337,15 @@ class _EachBatchTwice:
         return 2 * len(self.batches)
 
 
-def alternate_worker(cli_args: list[str]) -> None:
-    """The example's CLI and defaults, with each batch stepped by both paths (see the module docstring).
+ALTERNATE_PAIRS = (["plain", "shared"], ["shared", "shared+once"])
 
-    Steps ``2k`` and ``2k + 1`` share a batch; the plain path goes first in even pairs, the shared path in
-    odd ones. A step's path is logged as ``bench/shared``. One process: Lightning would not spread this
-    loader's batches over ranks.
+
+def alternate_worker(pair: str, cli_args: list[str]) -> None:
+    """The example's CLI and defaults, with each batch stepped by both paths of ``pair`` (see the module docstring).
+
+    Steps ``2k`` and ``2k + 1`` share a batch; the first path goes first in even pairs, the second in odd ones. A
+    step's path is logged as ``bench/second``. One process: Lightning would not spread this loader's batches over
+    ranks.
     """
     import dataclasses
 
@@ -347,12 +357,15 @@ def alternate_worker(cli_args: list[str]) -> None:
 
     class BothPaths(rlhf.GRPO):
         def training_step(self, batch, batch_idx):
-            shared = batch_idx % 2 != (batch_idx // 2) % 2
-            self.hparams.share_prompts = shared
-            self.reference_mode = "adapter" if shared else "copy"
-            engine = self.trainer.strategy.model  # the strategy's setting, switched for this step's generation
-            engine.settings = dataclasses.replace(engine.settings, share_prompt_prefill=shared)
-            self.log("bench/shared", float(shared), batch_size=1)
+            second = batch_idx % 2 != (batch_idx // 2) % 2
+            engine = self.trainer.strategy.model  # the strategy's settings, switched for this step
+            if pair == "plain,shared":
+                self.hparams.share_prompts = second
+                self.reference_mode = "adapter" if second else "copy"
+                engine.settings = dataclasses.replace(engine.settings, share_prompt_prefill=second)
+            else:  # shared,shared+once
+                engine.settings = dataclasses.replace(engine.settings, gather_once_per_step=second)
+            self.log("bench/second", float(second), batch_size=1)
             return super().training_step(batch, batch_idx)
 
     class BatchesTwice(rlhf.PromptData):
@@ -383,7 +396,7 @@ def main(argv=None) -> None:
             run = run_example(args, "alternate", 1, workdir)
             print(f"both paths in one fit x1: {run['wall_s']:.0f} s", flush=True)
             runs.append(run)
-            alternated = {path: summarize([{"steps": run["steps"][path]}]) for path in ("plain", "shared")}
+            alternated = {path: summarize([{"steps": run["steps"][path]}]) for path in args.paths}
     results = {
         p: {path: summarize([r for r in runs if r["processes"] == p and r["path"] == path]) for path in args.paths}
         for p in args.processes
@@ -417,6 +430,6 @@ ALTERNATE_WORKER = "--alternate-worker"  # this script, run by run_example as th
 
 if __name__ == "__main__":
     if sys.argv[1:2] == [ALTERNATE_WORKER]:
-        alternate_worker(sys.argv[2:])
+        alternate_worker(sys.argv[2], sys.argv[3:])
     else:
         main()

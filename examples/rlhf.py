@@ -189,7 +189,9 @@ class GRPO(LightningModule):
         updates_per_rollout: optimizer steps per rollout (TRL's ``num_iterations``). 1: one policy-gradient
             step per rollout. More: the rollout is reused for that many training steps (their own batches
             are skipped) with PPO's clipped ratio against the old policy, whose log-probs are the ones
-            recorded while sampling (``output_logprobs``): no extra forward.
+            recorded while sampling (``output_logprobs``; no extra forward) in fp32, where they equal the
+            scoring forward's to ~1e-5. In bf16 they can differ by 0.5 (decoding one token at a time rounds
+            otherwise than a forward over the whole response): there a no-grad scoring forward gives them.
         clip_eps: PPO's clipping range for ``updates_per_rollout > 1``.
     """
 
@@ -341,7 +343,7 @@ class GRPO(LightningModule):
         loss, kl = self.loss(logp, ref_logp, r["advantages"], resp_mask, r["old_logp"])
         metrics = {"loss": loss.detach(), "kl": (kl * resp_mask).sum() / tokens}
         if r["fresh"]:  # the policy that sampled: its rollout log-probs against the scoring forward's
-            gap = (logp.detach() - r["old_logp"]).abs() * resp_mask
+            gap = (logp.detach() - r["rollout_logp"]).abs() * resp_mask
             metrics |= {"rollout_logprob_gap_max": gap.max(), "rollout_logprob_gap_mean": gap.sum() / tokens}
             r["fresh"] = False
             self.log("reward", r["rewards"].mean(), prog_bar=True, sync_dist=True, batch_size=len(batch))
@@ -368,6 +370,10 @@ class GRPO(LightningModule):
 
         # 2. rewards, and advantages relative to the other responses to the same prompt
         rewards = self.score(texts, finished, [item["answers"] for item in batch for _ in range(G)])
+        rollout_logp = old_logp
+        if self.hparams.updates_per_rollout > 1 and next(self.actor.parameters()).dtype != torch.float32:
+            with torch.no_grad():  # bf16: the sampled log-probs are too far from the scoring forward's (see above)
+                old_logp = self.policy_logprobs(prompt_ids, prompt_mask, responses, resp_mask)
         return {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
@@ -377,6 +383,7 @@ class GRPO(LightningModule):
             "rewards": rewards,
             "advantages": group_advantages(rewards, G),
             "old_logp": old_logp,
+            "rollout_logp": rollout_logp,
             "ref_logp": self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask),
             "fresh": True,
         }

@@ -5,14 +5,18 @@ at any point unwinds exactly what was done, in reverse):
 
 1. train/eval flags and ``requires_grad`` recorded; the actor goes to eval, gradients off,
    and ``F.linear`` is torch's own again (``gather.native_linear``), on CPU with decoding-sized
-   products in whichever bit-identical layout the BLAS runs faster (``decode_linear.py``);
+   products in whichever bit-identical layout the BLAS runs faster (``decode_linear.py``); sampled
+   tokens drawn by the inverse-CDF sampler (``sampling.py``);
 2. the training RNG stream is set aside and the generation stream swapped in;
-3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``);
+3. the weights are materialized (ZeRO-3 gather) and LoRA fused (``gather.py``); with
+   ``gather_once_per_step`` inside a training step they stay gathered after the block, for the step's
+   training passes, and the engine gives them back after the backward;
 4. ``actor.generate`` is wrapped: requests are checked against ``max_out_tokens`` before any
    work, the call goes through DeepSpeed's kernels where they are on (``kernels.py``, under the
    parity guard) or else gets its KV cache (``workspace.py``; rows that repeat a prompt share one
    prefill of it, ``prefix_cache.py``), ranks are kept in step where the forward has collectives,
-   out-of-memory batches are split, and time and tokens are counted.
+   out-of-memory batches are split, each token's log-prob is recorded when asked (``output_logprobs``),
+   and time and tokens are counted.
 """
 
 from __future__ import annotations

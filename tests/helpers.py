@@ -244,9 +244,15 @@ class RolloutModule(LightningModule):
     """
 
     def __init__(
-        self, actor: nn.Module, on_step: Callable | None = None, lr: float = 1e-2, extra: nn.Module | None = None
+        self,
+        actor: nn.Module,
+        on_step: Callable | None = None,
+        lr: float = 1e-2,
+        extra: nn.Module | None = None,
+        optimizer: type = torch.optim.AdamW,
     ):
         super().__init__()
+        self.optimizer_class = optimizer
         self.actor = actor
         self.reference = extra  # e.g. a frozen reference model with its own generate
         self.on_step = on_step
@@ -268,7 +274,7 @@ class RolloutModule(LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        return self.optimizer_class([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
 def fit(
@@ -332,6 +338,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 FRONT_ENDS = ("trainer", "fabric")
 
 
+def strategy_for(front_end: str, **kwargs):
+    """The Trainer's ``HybridEngineStrategy`` or Fabric's, with the same arguments."""
+    from lightning_hybrid import HybridEngineStrategy
+    from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy
+
+    return (HybridEngineStrategy if front_end == "trainer" else FabricHybridEngineStrategy)(**kwargs)
+
+
 class Run:
     """What a test's step callback sees, the same under the Trainer and under Fabric.
 
@@ -373,6 +387,7 @@ def train(
     lr: float = 1e-2,
     devices: int = 1,
     before_step: Callable | None = None,
+    optimizer: type = torch.optim.AdamW,
 ) -> Run:
     """``steps`` training steps on ``prompt_loader()``: ``before_step(run)`` outside the engine's forward, then
     ``on_step(run, batch)`` (generation), then the loss, backward and optimizer step. The Trainer runs it as a
@@ -384,7 +399,9 @@ def train(
             run.trainer, run.step = module.trainer, module.global_step
             return run
 
-        module = RolloutModule(actor, on_step and (lambda m, batch: on_step(view(m), batch)), lr=lr)
+        module = RolloutModule(
+            actor, on_step and (lambda m, batch: on_step(view(m), batch)), lr=lr, optimizer=optimizer
+        )
         if before_step is not None:
             module.before_step = lambda m: before_step(view(m))
         fit(module, strategy, steps=steps, devices=devices)
@@ -396,8 +413,7 @@ def train(
     fabric.launch()
     run = Run(fabric.strategy, actor, fabric=fabric)
     policy = Policy(actor)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
-    model, optimizer = fabric.setup(policy, optimizer)
+    model, optimizer = fabric.setup(policy, optimizer([p for p in policy.parameters() if p.requires_grad], lr=lr))
     loader = fabric.setup_dataloaders(prompt_loader())
     while run.step < steps:
         for batch in loader:

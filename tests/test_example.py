@@ -63,14 +63,20 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("config", "devices", "plot"),
-    [("tiny.yaml", 1, True), ("tiny.yaml", 2, True), ("tiny_full_finetune.yaml", 1, False)],
-    ids=["lora-1proc", "lora-2proc", "full-finetune-1proc-no-matplotlib"],
+    ("config", "devices", "plot", "extra"),
+    [
+        ("tiny.yaml", 1, True, ()),
+        ("tiny.yaml", 2, True, ("--trainer.strategy.init_args.gather_once_per_step=true",)),
+        ("tiny_full_finetune.yaml", 1, False, ("--model.updates_per_rollout=2",)),
+    ],
+    ids=["lora-1proc", "lora-2proc-gather-once", "full-finetune-1proc-no-matplotlib-2-updates-per-rollout"],
 )
-def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot: bool) -> None:
+def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot: bool, extra: tuple) -> None:
     """The run finishes and writes its metrics, samples and plot; without matplotlib it says so before training
-    and still writes everything else."""
-    args = ("fit", "--config", str(CONFIGS / config), f"--trainer.devices={devices}")
+    and still writes everything else. Rollout log-probs are the scoring forward's within 1e-4 (fp32); with
+    gather_once_per_step the actor is all-gathered once a step; 2 updates per rollout (PPO's clipped ratio against
+    the rollout's log-probs) train to the end."""
+    args = ("fit", "--config", str(CONFIGS / config), f"--trainer.devices={devices}", *extra)
     proc = run_example(tmp_path, *args, without_matplotlib=not plot)
     out = proc.stdout + proc.stderr
     assert "`Trainer.fit` stopped: `max_steps=6` reached" in out
@@ -97,6 +103,10 @@ def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot
         values = [float(r[name]) for r in rows if r.get(name)]
         assert len(values) == 6 and all(v > 0 for v in values), name
     assert all(float(r["hybrid_engine/new_tokens"]) > 0 for r in rows if r.get("hybrid_engine/new_tokens"))
+    gaps = [float(r["rollout_logprob_gap_max"]) for r in rows if r.get("rollout_logprob_gap_max")]
+    assert gaps and max(gaps) < 1e-4, gaps
+    if extra and "gather_once" in extra[0]:
+        assert all(float(r["hybrid_engine/actor_gathers"]) == 1.0 for r in rows if r.get("hybrid_engine/actor_gathers"))
     # Each prompt's group of 4 rows shares one prefill: 3 of every 4 rows reuse it.
     assert all(float(r["hybrid_engine/prompt_tokens_reused"]) > 0 for r in rows if r.get("hybrid_engine/calls"))
 

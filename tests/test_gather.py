@@ -17,7 +17,9 @@ from helpers import (
     prompts,
     sharding_state,
     snapshot,
+    strategy_for,
     tiny_llama,
+    train,
     unsharded_reference,
 )
 
@@ -296,40 +298,59 @@ class _GatherOnceModule(RolloutModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.gathers.append(float(self.trainer.callback_metrics["hybrid_engine/actor_gathers"]))
 
-    def configure_optimizers(self):
-        # Plain SGD: the weights then differ by lr x the gradients' difference (Adam's m / sqrt(v) would turn
-        # summation-order noise in near-zero gradients into whole steps).
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+# ZeRO-3 releasing each weight after use and prefetching nothing, as in the example: on a model this small its
+# defaults would keep every weight gathered across the step anyway.
+RELEASE_AFTER_USE = dict(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_gather_once_per_step_trains_the_same_weights(lora):
-    """gather_once_per_step: after 3 generate-and-train steps the weights equal today's path's (the gradients
-    reduced into the same partitions); the actor is all-gathered once a step instead of once per pass (the metric:
-    1 against ~3 here: generation, forward, backward (all but the embedding)); between steps it is partitioned with
-    ZeRO-3's hooks back. ZeRO-3 releases each weight after use and prefetches nothing here: on a model this small
-    its defaults would keep every weight gathered across the step anyway."""
-    weights, runs = {}, {}
+@pytest.mark.parametrize(
+    "front_end,lora", [("trainer", True), ("trainer", False), ("fabric", True)], ids=["trainer-lora", "full", "fabric"]
+)
+def test_gather_once_per_step_trains_the_same_weights(front_end, lora):
+    """gather_once_per_step: after 3 generate-and-train steps (plain SGD: the weights then differ by lr x the
+    gradients' difference, where Adam would turn summation-order noise in near-zero gradients into whole steps) the
+    weights equal today's path's within fp32 summation order; between steps the actor is partitioned with ZeRO-3's
+    hooks back, as without it."""
+    weights, between = {}, {}
     for once in (False, True):
-        module = _GatherOnceModule(add_peft_lora(tiny_llama()) if lora else tiny_llama())
-        config = ds_config(3, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
-        strategy = HybridEngineStrategy(config=config, gather_once_per_step=once)
-        fit(module, strategy, steps=3)
-        weights[once], runs[once] = snapshot(module), module
-    for name, value in weights[False].items():
-        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)  # fp32 summation order
-    initial = _initial(lora)
+        states = []
+
+        def on_step(run, batch):
+            ids, mask = batch
+            with run.strategy.generation() as actor:
+                actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
+
+        def before_step(run, states=states):
+            states.append((sharding_state(run.actor), hook_state(run.actor)))
+
+        strategy = strategy_for(front_end, config=ds_config(3, **RELEASE_AFTER_USE), gather_once_per_step=once)
+        actor = add_peft_lora(tiny_llama()) if lora else tiny_llama()
+        run = train(
+            front_end, actor, strategy, on_step, steps=3, lr=0.05, before_step=before_step, optimizer=torch.optim.SGD
+        )
+        weights[once], between[once] = snapshot(run), states
+    initial = {
+        n: p.detach().clone() for n, p in (add_peft_lora(tiny_llama()) if lora else tiny_llama()).named_parameters()
+    }
     assert any(not torch.equal(value, initial[name]) for name, value in weights[True].items())  # it trained
-    assert all(2.5 < gathers <= 3.0 for gathers in runs[False].gathers), runs[False].gathers
-    assert runs[True].gathers == pytest.approx([1.0] * 3, abs=0.05)
-    first = runs[True].between_steps[0]
-    assert all(state == first for state in runs[True].between_steps)
-    assert all(s == ZeroParamStatus.NOT_AVAILABLE and n == 0 for _, s, n in first[0])
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)
+    assert between[True] == between[False]
+    assert all(s == ZeroParamStatus.NOT_AVAILABLE and n == 0 for _, s, n in between[True][-1][0])
 
 
-def _initial(lora: bool) -> dict[str, torch.Tensor]:
-    actor = add_peft_lora(tiny_llama()) if lora else tiny_llama()
-    return {n: p.detach().clone() for n, p in actor.named_parameters()}
+def test_actor_gathers_metric_counts_one_gather_per_step_instead_of_three():
+    """``hybrid_engine/actor_gathers``: generation, forward and backward (all but the embedding) each all-gather the
+    actor, ~3 actor sizes a step; with gather_once_per_step, 1."""
+    gathers = {}
+    for once in (False, True):
+        module = _GatherOnceModule(add_peft_lora(tiny_llama()))
+        strategy = HybridEngineStrategy(config=ds_config(3, **RELEASE_AFTER_USE), gather_once_per_step=once)
+        fit(module, strategy, steps=2)
+        gathers[once] = module.gathers
+    assert all(2.5 < g <= 3.0 for g in gathers[False]), gathers[False]
+    assert gathers[True] == [1.0, 1.0]
 
 
 def test_gather_once_per_step_gives_the_actor_back_when_the_step_fails():

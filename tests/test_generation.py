@@ -26,21 +26,16 @@ from helpers import (
     reference_generate,
     sharding_state,
     snapshot,
+    strategy_for,
     tiny_llama,
     train,
     unsharded_reference,
 )
 
 from lightning_hybrid import HybridEngineStrategy
-from lightning_hybrid.fabric import HybridEngineStrategy as FabricHybridEngineStrategy
 from lightning_hybrid.gather import native_linear
 
 GREEDY = dict(max_new_tokens=8, do_sample=False)
-
-
-def strategy_for(front_end: str, **kwargs):
-    """The Trainer's ``HybridEngineStrategy`` or Fabric's, with the same arguments."""
-    return (HybridEngineStrategy if front_end == "trainer" else FabricHybridEngineStrategy)(**kwargs)
 
 
 def grpo_prompts(distinct: int = 2, group: int = 3):
