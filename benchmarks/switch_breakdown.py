@@ -236,11 +236,7 @@ def report(args, everyone: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--processes", type=int, default=None, help="default: GPUs on CUDA, else 2")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    bench.workload_arguments(parser, new_tokens=16)
     parser.add_argument("--contexts", type=int, default=6, help="contexts per mode (the first of each is dropped)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU default: cores / ranks)")
     parser.add_argument("--lora-r", type=int, default=16)
