@@ -31,6 +31,10 @@ from lightning_hybrid import HybridEngineStrategy
         ({"stage": 2, "inference_tp_size": 2}, ValueError, "needs ZeRO stage 3"),
         ({"stage": 2, "cache_frozen_weights": True}, ValueError, "cache_frozen_weights.*stage=3"),
         ({"pin_parameters": False, "cache_frozen_weights": True}, ValueError, "pin_parameters=True"),
+        ({"sampler": "gumbel"}, ValueError, "sampler.*inverse_cdf.*torch"),
+        ({"gather_once_per_step": 1}, TypeError, "gather_once_per_step.*bool"),
+        ({"stage": 2, "gather_once_per_step": True}, ValueError, "gather_once_per_step.*stage=3"),
+        ({"pin_parameters": False, "gather_once_per_step": True}, ValueError, "gather_once_per_step.*pin_parameters"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_setting_named(kwargs, error, match):
