@@ -43,10 +43,25 @@ def front_ends_and_score_run() -> subprocess.CompletedProcess:
     return run("front_ends", "score", "step", timeout=540)
 
 
+@pytest.fixture(scope="module")
+def pinned_fits_run() -> subprocess.CompletedProcess:
+    """pin_parameters=True under ZeRO-3, then ZeRO-2, in one launch."""
+    return run("fit_pinned", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def autotp_and_mpu_run() -> subprocess.CompletedProcess:
+    return run("autotp", "mpu", "--stage", "0", timeout=360)
+
+
 @pytest.mark.parametrize("stage,pin", [(3, 1), (3, 0), (2, 1)])
 def test_two_ranks_fit_generate_parity_and_agreement(stage, pin, request):
-    result = request.getfixturevalue("layerwise_run") if pin == 0 else run("fit", "--stage", str(stage), "--pin", "1")
-    assert passed(result, "fit"), output(result)
+    if pin == 0:
+        result = request.getfixturevalue("layerwise_run")
+        assert passed(result, "fit"), output(result)
+    else:
+        result = request.getfixturevalue("pinned_fits_run")
+        assert f"FIT STAGE {stage} OK" in result.stdout and passed(result, "fit_pinned"), output(result)
 
 
 def test_rank_dependent_eos_finishes(layerwise_run):
@@ -85,24 +100,24 @@ def test_both_front_ends_keep_parity_and_lose_nothing_on_two_ranks(front_ends_an
     assert passed(front_ends_and_score_run, "front_ends"), output(front_ends_and_score_run)
 
 
-def test_autotp_training_matches_the_unsharded_model():
+def test_autotp_training_matches_the_unsharded_model(autotp_and_mpu_run):
     """training_tp_size=2 (DeepSpeed's AutoTP) on 2 ranks, ZeRO-1, 2 and 3 in one launch, default sampler: both
     ranks get the same batches, every sliced linear of the actor and of a frozen reference holds half the weight,
     3 steps' losses equal plain torch training of an unsharded copy (rel 1e-5), greedy generation in the context
     (two prompt lengths, left padding) equals the copy's before and after optimizer steps (inference_tp_size=2
     with ZeRO-2: the same, in the training layout), and different prompts within the TP group are refused."""
-    result = run("autotp", "--stage", "0", timeout=240)
-    assert result.returncode == 0 and "AUTOTP OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    result = autotp_and_mpu_run
+    assert "AUTOTP OK" in result.stdout, output(result)
     for stage in (1, 2, 3):
         assert f"stage {stage}: 14 linears sliced" in result.stdout
 
 
-def test_a_users_mpu_trains_and_generates_like_the_unsharded_model():
+def test_a_users_mpu_trains_and_generates_like_the_unsharded_model(autotp_and_mpu_run):
     """mpu= with the test's own torch groups and a model it sliced with DeepSpeed's AutoTP layers (ZeRO-1, then
     ZeRO-3): the engine holds that mpu, ZeRO works over its data-parallel group, and slices, losses and generation
     are checked as for AutoTP."""
-    result = run("mpu", "--stage", "0", timeout=240)
-    assert result.returncode == 0 and "MPU OK" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    result = autotp_and_mpu_run
+    assert "MPU OK" in result.stdout, output(result)
     assert "mpu, stage 1: 14 linears sliced" in result.stdout and "mpu, stage 3: 14 linears sliced" in result.stdout
 
 

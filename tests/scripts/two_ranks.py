@@ -96,6 +96,14 @@ def scenario_fit(args) -> None:
     assert all_equal_across_ranks(torch.tensor([len(losses)]))
 
 
+def scenario_fit_pinned(args) -> None:
+    """``scenario_fit`` with the whole actor gathered, under ZeRO-3 and then ZeRO-2, in one launch."""
+    for stage in (3, 2):
+        scenario_fit(argparse.Namespace(stage=stage, pin=1))
+        if torch_dist.get_rank() == 0:
+            print(f"FIT STAGE {stage} OK", flush=True)
+
+
 def scenario_eos(args) -> None:
     """Rank 0 stops at once (its EOS is the first token it generates), rank 1 runs to the limit."""
     lengths = []
@@ -694,6 +702,7 @@ if __name__ == "__main__":
         nargs="+",
         choices=[
             "fit",
+            "fit_pinned",
             "eos",
             "rank_fault",
             "tp",
