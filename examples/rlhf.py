@@ -330,31 +330,6 @@ class GRPO(LightningModule):
         return torch.tensor(scores, device=self.device)
 
     # -- training -----------------------------------------------------------------------
-    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
-        if self.rollout is None or batch_idx % self.hparams.updates_per_rollout == 0:
-            self.rollout = self.make_rollout(batch)  # else: another update on the latest rollout, batch skipped
-        r = self.rollout
-        resp_mask, tokens = r["resp_mask"], r["resp_mask"].sum().clamp(min=1)
-
-        # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
-        # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
-        logp = self.policy_logprobs(r["prompt_ids"], r["prompt_mask"], r["responses"], resp_mask)
-        ref_logp = r["ref_logp"]
-        loss, kl = self.loss(logp, ref_logp, r["advantages"], resp_mask, r["old_logp"])
-        metrics = {"loss": loss.detach(), "kl": (kl * resp_mask).sum() / tokens}
-        if r["fresh"]:  # the policy that sampled: its rollout log-probs against the scoring forward's
-            gap = (logp.detach() - r["rollout_logp"]).abs() * resp_mask
-            metrics |= {"rollout_logprob_gap_max": gap.max(), "rollout_logprob_gap_mean": gap.sum() / tokens}
-            r["fresh"] = False
-            self.log("reward", r["rewards"].mean(), prog_bar=True, sync_dist=True, batch_size=len(batch))
-            metrics |= {
-                "response_tokens": resp_mask.sum(1).float().mean(),
-                "finished": r["finished"].float().mean(),
-                "reward_std_in_group": r["rewards"].view(-1, self.hparams.group_size).std(1).mean(),
-            }
-        self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
-        return loss
-
     def make_rollout(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Sample G responses per prompt, score them, and keep what every update on them needs."""
         G = self.hparams.group_size
@@ -387,6 +362,31 @@ class GRPO(LightningModule):
             "ref_logp": self.reference_logprobs(prompt_ids, prompt_mask, responses, resp_mask),
             "fresh": True,
         }
+
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        if self.rollout is None or batch_idx % self.hparams.updates_per_rollout == 0:
+            self.rollout = self.make_rollout(batch)  # else: another update on the latest rollout, batch skipped
+        r = self.rollout
+        resp_mask, tokens = r["resp_mask"], r["resp_mask"].sum().clamp(min=1)
+
+        # 3. log-probs of the sampled tokens under the policy (with grad) and the reference (without): each
+        # prompt once for its group of G responses (share_prompts; see response_logprobs), or every row in full.
+        logp = self.policy_logprobs(r["prompt_ids"], r["prompt_mask"], r["responses"], resp_mask)
+        ref_logp = r["ref_logp"]
+        loss, kl = self.loss(logp, ref_logp, r["advantages"], resp_mask, r["old_logp"])
+        metrics = {"loss": loss.detach(), "kl": (kl * resp_mask).sum() / tokens}
+        if r["fresh"]:  # the policy that sampled: its rollout log-probs against the scoring forward's
+            gap = (logp.detach() - r["rollout_logp"]).abs() * resp_mask
+            metrics |= {"rollout_logprob_gap_max": gap.max(), "rollout_logprob_gap_mean": gap.sum() / tokens}
+            r["fresh"] = False
+            self.log("reward", r["rewards"].mean(), prog_bar=True, sync_dist=True, batch_size=len(batch))
+            metrics |= {
+                "response_tokens": resp_mask.sum(1).float().mean(),
+                "finished": r["finished"].float().mean(),
+                "reward_std_in_group": r["rewards"].view(-1, self.hparams.group_size).std(1).mean(),
+            }
+        self.log_dict(metrics, sync_dist=True, batch_size=len(batch))
+        return loss
 
     def policy_logprobs(self, prompt_ids, prompt_mask, responses, resp_mask) -> torch.Tensor:
         """The actor's log-probs of the responses, with grad: what the loss trains."""
