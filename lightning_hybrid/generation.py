@@ -380,22 +380,21 @@ class GenerationContext:
 
     def _generate_on_a_backend(self, call: GenerateCall, kwargs: dict[str, Any]):
         """Through DeepSpeed's kernels where they are on (and pass the guard), else the portable path."""
-        output = None
         routing = self.engine.kernels
         if routing is not None and routing.enabled:
             # No StaticCache here: the kernels keep their KV cache in DeepSpeed's own workspace.
             dtype = next(self.module.parameters()).dtype
             output = routing.generate(self._original_generate, kwargs, self.stats, dtype)
-            self.stats.backend = KERNEL_BACKEND
-        if output is None:
-            self.stats.backend = PORTABLE_BACKEND
-            self._attach_workspace(kwargs, call.config)
-            # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
-            self._share_prompts(
-                kwargs, call.config, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1
-            )
-            output = self._original_generate(**kwargs)
-        return output
+            if output is not None:
+                self.stats.backend = KERNEL_BACKEND
+                return output
+        self.stats.backend = PORTABLE_BACKEND
+        self._attach_workspace(kwargs, call.config)
+        # Layer-wise gathering has collectives in every forward: all ranks must prefill, or none.
+        self._share_prompts(
+            kwargs, call.config, ranks_agree=self.materializer.collectives_per_forward and self.world_size > 1
+        )
+        return self._original_generate(**kwargs)
 
     def _share_prompts(self, kwargs: dict[str, Any], config: GenerationConfig, ranks_agree: bool) -> None:
         """Rows repeating a prompt: prefill each distinct prompt once and hand ``generate`` the expanded cache.

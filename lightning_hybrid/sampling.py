@@ -3,8 +3,9 @@
 * ``inverse_cdf_sampling()``: for the block, ``torch.multinomial(probs, 1)`` (what transformers calls for
   each sampled token) draws by inverting the cumulative distribution: one uniform number per row, a float64
   cumulative sum, a binary search. The same distribution as torch's own draw, which takes one exponential
-  number per vocabulary entry (the exponential race): 36 ms against 1 ms for 16 rows of a 49k vocabulary on
-  this project's 2-core CPU (benchmarks/README.md). The draws differ from transformers' for the same seed.
+  number per vocabulary entry (the exponential race): 51.8 ms against 4.3 ms for 16 rows of SmolLM2's 49k
+  vocabulary on this project's 2-core CPU (``benchmarks/sampler.py``). The draws differ from transformers'
+  for the same seed.
 * ``recording_logprobs(model)``: every ``generate`` of ``model`` in the block runs a ``SampledLogprobs``
   after every other logits processor (temperature and all warpers), which keeps the log-prob of each chosen
   token under the distribution it was drawn from, one step at a time: no full-vocabulary scores are kept.
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import LogitsProcessor
+
+_TORCH_MULTINOMIAL = torch.multinomial  # torch's own, taken at import: the fallback and what the block restores
 
 
 def inverse_cdf_multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -41,9 +44,6 @@ def inverse_cdf_multinomial(probs: torch.Tensor, generator: torch.Generator | No
         last_with_weight = vocab - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
         index = torch.where(past_end, last_with_weight, index)
     return index
-
-
-_TORCH_MULTINOMIAL = torch.multinomial
 
 
 def _multinomial(input, num_samples, replacement=False, *, generator=None, out=None):  # noqa: A002 (torch's names)

@@ -130,7 +130,7 @@ class HybridEngineCore:
             dynamic cache; other calls generate as they come, counted in ``prompt_sharing_skipped``).
         sampler: how a sampled token is drawn inside the context. "inverse_cdf": one uniform number per row
             against the float64 cumulative distribution (``sampling.py``): the same distribution as
-            ``torch.multinomial``, ~35x cheaper on a CPU with a 49k vocabulary, other draws for the same seed.
+            ``torch.multinomial``, 12x cheaper per draw over a 49k vocabulary on CPU, other draws for the same seed.
             "torch": ``torch.multinomial`` (transformers' own draws).
         zero3_leaf_modules: ZeRO-3 only: fetch each transformer block's weights as one unit instead of
             hooking every submodule (DeepSpeed's leaf modules; ``zero3_leaves.py``). ``"auto"``: each Hugging

@@ -277,6 +277,32 @@ class RolloutModule(LightningModule):
         return self.optimizer_class([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
 
+class GatherOnceModule(RolloutModule):
+    """Samples inside each step, then trains the actor with plain SGD (the weights then differ by lr x the
+    gradients' difference, where Adam would turn summation-order noise in near-zero gradients into whole steps).
+    Records each step's logged ``hybrid_engine/actor_gathers`` and the actor's ZeRO-3 state before each step;
+    ``fail_at_step`` raises between that step's generation and its backward."""
+
+    def __init__(self, actor: nn.Module, fail_at_step: int | None = None):
+        super().__init__(actor, self.rollout, lr=0.05, optimizer=torch.optim.SGD)
+        self.fail_at_step = fail_at_step
+        self.gathers: list[float] = []
+        self.between_steps: list[tuple] = []
+
+    def rollout(self, module, batch):
+        ids, mask = batch
+        with self.trainer.strategy.generation() as actor:
+            actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
+        if self.global_step == self.fail_at_step:
+            raise ValueError("boom")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.between_steps.append((sharding_state(self.actor), hook_state(self.actor)))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.gathers.append(float(self.trainer.callback_metrics["hybrid_engine/actor_gathers"]))
+
+
 def fit(
     module: LightningModule,
     strategy,

@@ -9,6 +9,7 @@ import torch
 from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from helpers import (
+    GatherOnceModule,
     RolloutModule,
     add_peft_lora,
     ds_config,
@@ -276,29 +277,6 @@ def test_a_failure_while_gathering_undoes_the_swaps_and_the_detached_hooks(monke
     assert seen["ok"]
 
 
-class _GatherOnceModule(RolloutModule):
-    """Generates inside the step, then trains; records the actor gathers the metric logged for each step."""
-
-    def __init__(self, actor, fail_at_step: int | None = None):
-        super().__init__(actor, self.rollout, lr=0.05)
-        self.fail_at_step = fail_at_step
-        self.gathers: list[float] = []
-        self.between_steps: list[tuple] = []
-
-    def rollout(self, module, batch):
-        ids, mask = batch
-        with self.trainer.strategy.generation() as actor:
-            actor.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
-        if self.global_step == self.fail_at_step:
-            raise ValueError("boom")  # between the generation and the backward
-
-    def on_train_batch_start(self, batch, batch_idx):
-        self.between_steps.append((sharding_state(self.actor), hook_state(self.actor)))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.gathers.append(float(self.trainer.callback_metrics["hybrid_engine/actor_gathers"]))
-
-
 # ZeRO-3 releasing each weight after use and prefetching nothing, as in the example: on a model this small its
 # defaults would keep every weight gathered across the step anyway.
 RELEASE_AFTER_USE = dict(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
@@ -343,7 +321,7 @@ def test_actor_gathers_metric_counts_one_gather_per_step_instead_of_three():
     actor, ~3 actor sizes a step; with gather_once_per_step, 1."""
     gathers = {}
     for once in (False, True):
-        module = _GatherOnceModule(add_peft_lora(tiny_llama()))
+        module = GatherOnceModule(add_peft_lora(tiny_llama()))
         strategy = HybridEngineStrategy(config=ds_config(3, **RELEASE_AFTER_USE), gather_once_per_step=once)
         fit(module, strategy, steps=2)
         gathers[once] = module.gathers
@@ -354,7 +332,7 @@ def test_actor_gathers_metric_counts_one_gather_per_step_instead_of_three():
 def test_gather_once_per_step_gives_the_actor_back_when_the_step_fails():
     """An exception after the generation, before the backward: the held actor goes back to ZeRO-3 (partitioned,
     hooks in place) with its weights as they were."""
-    module = _GatherOnceModule(add_peft_lora(tiny_llama()), fail_at_step=1)
+    module = GatherOnceModule(add_peft_lora(tiny_llama()), fail_at_step=1)
     with pytest.raises(ValueError, match="boom"):
         fit(module, HybridEngineStrategy(config=ds_config(3), gather_once_per_step=True), steps=3)
     before_failing_step = module.between_steps[1]

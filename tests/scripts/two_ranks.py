@@ -277,12 +277,10 @@ def scenario_step(args) -> None:
     context. gather_once_per_step (ZeRO-3 + LoRA, SGD): 3 steps end with today's weights within fp32 tolerance on
     every rank, with the actor all-gathered once a step (the logged metric) instead of ~3 times.
     """
-    from helpers import make_actor, snapshot, unsharded_reference
+    from helpers import GatherOnceModule, hook_state, make_actor, sharding_state, snapshot, unsharded_reference
 
     def state(module):
-        sharding = [(n, p.ds_status, p.data.numel()) for n, p in module.actor.named_parameters() if hasattr(p, "ds_id")]
-        hooks = [(n, list(m._forward_pre_hooks), list(m._forward_hooks)) for n, m in module.actor.named_modules()]
-        return sharding, hooks
+        return sharding_state(module.actor), hook_state(module.actor)
 
     for stage, lora in ((3, "peft"), (2, None)):
 
@@ -305,24 +303,9 @@ def scenario_step(args) -> None:
         module = RolloutModule(make_actor(lora), on_step, lr=0.05)
         fit(module, HybridEngineStrategy(config=ds_config(stage)), steps=2, devices=2, precision="bf16-mixed")
 
-    class Once(RolloutModule):
-        def __init__(self):
-            super().__init__(add_peft_lora(tiny_llama()), self.rollout, lr=0.05)
-            self.gathers = []
-
-        def rollout(self, module, batch):
-            with self.trainer.strategy.generation() as actor:
-                actor.generate(batch[0], attention_mask=batch[1], max_new_tokens=3, do_sample=True)
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            self.gathers.append(float(self.trainer.callback_metrics["hybrid_engine/actor_gathers"]))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
-
     weights, gathers = {}, {}
     for once in (False, True):
-        module = Once()
+        module = GatherOnceModule(add_peft_lora(tiny_llama()))
         config = ds_config(3, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
         fit(module, HybridEngineStrategy(config=config, gather_once_per_step=once), steps=3, devices=2)
         weights[once], gathers[once] = snapshot(module), module.gathers
