@@ -26,6 +26,7 @@ __all__ = [
     "DeepSpeedIncompatible",
     "ZeROOrderedDict",
     "disable_shm_comm",
+    "forget_model_parallel_groups",
     "module_classes",
     "partition_stamp",
     "wait_for_prefetch",
@@ -96,6 +97,41 @@ def disable_shm_comm() -> None:
     if ops is None:
         raise _missing("deepspeed.ops.__compatible_ops__")
     ops["deepspeed_shm_comm"] = False
+
+
+# DeepSpeed keeps the model-parallel unit and AutoTP's device mesh of the last engine that had one in module globals,
+# and every later engine in the process reads them first.
+_MODEL_PARALLEL_GLOBALS = (
+    "mpu",
+    "mesh_device",
+    "_TENSOR_MODEL_PARALLEL_GROUP",
+    "_MODEL_PARALLEL_GROUP",
+    "_DATA_PARALLEL_GROUP",
+    "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+    "_MPU_TENSOR_MODEL_PARALLEL_RANK",
+)
+
+
+def forget_model_parallel_groups() -> None:
+    """Clears what an earlier engine in this process left of its model parallelism, before a new one is built.
+
+    Left in ``deepspeed.utils.groups``, a fit without tensor parallelism after one with it fails in
+    ``deepspeed.initialize`` (``'NoneType' object has no attribute 'get_model_parallel_rank'``), and a user's mpu
+    after AutoTP would partition over AutoTP's stale data-parallel group. Left in AutoTP's training mode (which
+    ``deepspeed.initialize`` turns on and never off), inference-TP slicing takes AutoTP's training group instead
+    of the one it is given. The new engine sets what it needs (its mpu, AutoTP's mesh and mode); the process
+    groups themselves stay alive for whoever still holds them.
+    """
+    from deepspeed.module_inject import layers
+    from deepspeed.utils import groups
+
+    missing = [f"utils.groups.{name}" for name in _MODEL_PARALLEL_GLOBALS if not hasattr(groups, name)]
+    missing += [] if callable(getattr(layers, "set_autotp_mode", None)) else ["module_inject.layers.set_autotp_mode"]
+    if missing:
+        raise _missing(f"deepspeed.{missing[0]}")
+    for name in _MODEL_PARALLEL_GLOBALS:
+        setattr(groups, name, None)
+    layers.set_autotp_mode(training=False)
 
 
 # -- zero.Init's class wrapping (zero_init.py) --------------------------------------------------

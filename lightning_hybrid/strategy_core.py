@@ -33,7 +33,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator as TrainerCUDAAcceler
 from torch import nn
 
 from .config import HybridEngineSettings, InferenceBackend, KVCache, Sampler, zero_stage
-from .deepspeed_compat import disable_shm_comm
+from .deepspeed_compat import disable_shm_comm, forget_model_parallel_groups
 from .engine import HybridEngine, resolve_generation_module
 from .export import write_hf_directory
 from .gather import missing_params
@@ -277,8 +277,10 @@ class HybridEngineCore:
 
         deepspeed.initialize() constructs ``deepspeed.DeepSpeedHybridEngine`` whenever the config
         enables it; that name points at our subclass for the duration of the call. Lightning's
-        deepspeed.initialize() calls take no mpu: the user's, if any, is added.
+        deepspeed.initialize() calls take no mpu: the user's, if any, is added. What an earlier
+        engine in this process left of its model parallelism in DeepSpeed's globals is cleared first.
         """
+        forget_model_parallel_groups()
         original, initialize = deepspeed.DeepSpeedHybridEngine, deepspeed.initialize
         deepspeed.DeepSpeedHybridEngine = self._engine_factory()
         deepspeed.initialize = functools.partial(initialize, **initialize_kwargs(self.mpu))

@@ -21,6 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (the README's `pytest -n 2`) each worker takes its share of the cores: with torch's default of
+# every core per worker, OpenMP's threads oversubscribe them and the tiny models' tests ran up to 7x slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def _selects_cuda(markexpr: str) -> bool:
     # `-m cuda`, `-m "cuda and not slow"`: a selection of CUDA tests; `-m "not cuda"` is not one.

@@ -360,6 +360,52 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def launch_ranks(command: list[str], world: int, timeout: float, grace_s: float = 15.0):
+    """Run ``command`` as ``world`` ranks started at once, as torchrun would: each with ``LOCAL_RANK``, ``NODE_RANK``
+    and ``WORLD_SIZE`` set, so Lightning takes the processes as created externally instead of starting ranks
+    1.. itself after rank 0 has imported everything (on 2 cores that import is most of a small scenario).
+
+    A rank that fails gives the others ``grace_s`` to report their own errors, then every rank still running is
+    killed, as on ``timeout``: nothing outlives the call. Returns a ``CompletedProcess`` with every rank's stdout
+    and stderr (rank 0's first) and the first nonzero exit status (rank order); on timeout it raises
+    ``subprocess.TimeoutExpired`` carrying that output.
+    """
+    import subprocess
+    import tempfile
+    import time
+
+    env = subprocess_env(LOCAL_WORLD_SIZE=str(world), WORLD_SIZE=str(world), NODE_RANK="0")
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(open(f"{logs}/{r}.out", "w+"), open(f"{logs}/{r}.err", "w+")) for r in range(world)]
+        ranks = [
+            subprocess.Popen(command, env={**env, "LOCAL_RANK": str(r)}, stdout=out, stderr=err, text=True)
+            for r, (out, err) in enumerate(files)
+        ]
+        start, failed_at, timed_out = time.monotonic(), None, False
+        while any(rank.poll() is None for rank in ranks):
+            now = time.monotonic()
+            if failed_at is None and any(rank.returncode not in (None, 0) for rank in ranks):
+                failed_at = now
+            timed_out = now - start > timeout
+            if timed_out or (failed_at is not None and now - failed_at > grace_s):
+                for rank in ranks:
+                    rank.kill()
+                for rank in ranks:
+                    rank.wait()
+                break
+            time.sleep(0.2)
+        texts = []
+        for out, err in files:
+            out.seek(0), err.seek(0)
+            texts.append((out.read(), err.read()))
+            out.close(), err.close()
+    stdout, stderr = "".join(t[0] for t in texts), "".join(t[1] for t in texts)
+    if timed_out:
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+    status = next((rank.returncode for rank in ranks if rank.returncode != 0), 0)
+    return subprocess.CompletedProcess(command, status, stdout, stderr)
+
+
 # -- the same training run under both front-ends -------------------------------------------------
 FRONT_ENDS = ("trainer", "fabric")
 

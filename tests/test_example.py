@@ -1,8 +1,10 @@
 """End to end: ``examples/rlhf.py`` from the Lightning CLI, on the tiny random model, in a subprocess.
 
-The example runs as a user runs it (``python examples/rlhf.py fit --config ...``): with several
-processes Lightning's default launcher re-runs that command once per rank, which pytest itself
-could not be. Each run gets its own MASTER_PORT and a temporary working directory.
+The example runs as a user runs it (``python examples/rlhf.py fit --config ...``): as 2 processes, the Trainer's
+example runs as two "nodes" on loopback, each started by hand as a cluster's per-node command would be (the same
+MASTER_ADDR and MASTER_PORT, NODE_RANK 0 and 1, ``--trainer.num_nodes=2 --trainer.devices=1``; nothing of ours
+launches anything), and the Fabric example with ``--devices=2``, which Lightning's launcher re-runs once per rank.
+Each run gets its own MASTER_PORT and a temporary working directory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,11 +32,14 @@ TIMEOUT_S = 600  # generous for a loaded CI machine; a run takes tens of seconds
 
 
 def run_example(
-    cwd: Path, *args: str, timeout: int = TIMEOUT_S, without_matplotlib: bool = False
+    cwd: Path, *args: str, timeout: int = TIMEOUT_S, without_matplotlib: bool = False, nodes: int = 1
 ) -> subprocess.CompletedProcess:
+    """The example's command in ``cwd``; with ``nodes`` > 1, once per node (NODE_RANK 0, 1, ...), all at once.
+    Returns node 0's output, with ``node_outputs`` holding every node's stdout and stderr."""
     # 1 thread per process: no oversubscription on a 2-core machine.
     env = subprocess_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     command = [sys.executable, str(EXAMPLE), *args]
+    command += [f"--trainer.num_nodes={nodes}", "--trainer.devices=1"]
     if without_matplotlib:
         env["PYTHONWARNINGS"] = "default"  # the run says so as a warning
     if without_matplotlib:  # as if it were not installed: importlib finds no spec for a None entry (set after
@@ -42,19 +48,41 @@ def run_example(
         launch = "import os, runpy, sys, lightning.pytorch; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:];"
         launch += " sys.path.insert(0, os.path.dirname(sys.argv[0]));"
         command = [sys.executable, "-c", launch + " runpy.run_path(sys.argv[0], run_name='__main__')", *command[1:]]
-    proc = subprocess.run(
-        command,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
-    return proc
+    # Files, not pipes: a node blocked on a full pipe would stall the collective the other waits in.
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(nodes)]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**env, "NODE_RANK": str(node)},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+        for node, (out, err) in enumerate(logs)
+    ]
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:  # one node failed or timed out: the others would wait for it forever
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    outputs = []
+    for out, err in logs:
+        out.seek(0), err.seek(0)
+        outputs.append((out.read(), err.read()))
+        out.close(), err.close()
+    for node, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, (
+            f"node {node} of {nodes}: exit {proc.returncode}\n--- stdout\n{stdout[-6000:]}\n"
+            f"--- stderr\n{stderr[-6000:]}"
+        )
+    result = subprocess.CompletedProcess(command, 0, *outputs[0])
+    result.node_outputs = outputs
+    return result
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -63,22 +91,27 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("config", "devices", "plot", "extra"),
+    ("config", "nodes", "plot", "extra"),
     [
         ("tiny.yaml", 1, True, ()),
         ("tiny.yaml", 2, True, ("--trainer.strategy.init_args.gather_once_per_step=true",)),
         ("tiny_full_finetune.yaml", 1, False, ("--model.updates_per_rollout=2",)),
     ],
-    ids=["lora-1proc", "lora-2proc-gather-once", "full-finetune-1proc-no-matplotlib-2-updates-per-rollout"],
+    ids=["lora-1proc", "lora-2nodes-gather-once", "full-finetune-1proc-no-matplotlib-2-updates-per-rollout"],
 )
-def test_rlhf_example_end_to_end(tmp_path: Path, config: str, devices: int, plot: bool, extra: tuple) -> None:
+def test_rlhf_example_end_to_end(tmp_path: Path, config: str, nodes: int, plot: bool, extra: tuple) -> None:
     """The run finishes and writes its metrics, samples and plot; without matplotlib it says so before training
     and still writes everything else. Rollout log-probs are the scoring forward's within 1e-4 (fp32); with
     gather_once_per_step the actor is all-gathered once a step; 2 updates per rollout (PPO's clipped ratio against
-    the rollout's log-probs) train to the end."""
-    args = ("fit", "--config", str(CONFIGS / config), f"--trainer.devices={devices}", *extra)
-    proc = run_example(tmp_path, *args, without_matplotlib=not plot)
+    the rollout's log-probs) train to the end. As 2 nodes x 1 process on loopback: one world of two ranks across
+    the nodes (DeepSpeed's own count), its files written by global rank 0 only."""
+    proc = run_example(
+        tmp_path, "fit", "--config", str(CONFIGS / config), *extra, without_matplotlib=not plot, nodes=nodes
+    )
     out = proc.stdout + proc.stderr
+    if nodes == 2:
+        first, second = ("".join(output) for output in proc.node_outputs)
+        assert "GLOBAL_RANK: 0, MEMBER: 1/2" in first and "GLOBAL_RANK: 1, MEMBER: 2/2" in second
     assert "`Trainer.fit` stopped: `max_steps=6` reached" in out
     assert "Sample answers (greedy), before vs after training" in out
     if not plot:

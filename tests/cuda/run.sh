@@ -6,7 +6,9 @@
 #    without network); anything else missing stops here with the command that installs it.
 # 1. cuda: the CUDA-marked tests, in a pytest process of their own (DeepSpeed on CUDA): the strategy
 #    on CUDA, and the generation context's parity and nothing-lost checks (ZeRO-2/3, fp32/bf16,
-#    PEFT LoRA, one GPU; tests/cuda/test_generation_cuda.py).
+#    PEFT LoRA, one GPU; tests/cuda/test_generation_cuda.py), and the RL step's pieces on CUDA: rollout
+#    log-probs against the scoring forward, gather_once_per_step, the inverse-CDF sampler's draws and
+#    speed against torch.multinomial (tests/cuda/test_rl_step_cuda.py).
 # 2. cpu-subset: fast CPU tests (fits under ZeRO-2/3, the context's parity and nothing-lost), on the
 #    CPU on this GPU machine (CUDA_VISIBLE_DEVICES untouched: tests/conftest.py puts DeepSpeed on the
 #    CPU in any pytest process run without `-m cuda`).
@@ -77,7 +79,8 @@ stage() { # stage NAME CAP_S COMMAND...: under `timeout`, at most what is left o
 }
 
 PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider"
-stage cuda 200 $PYTEST -s -m cuda tests/test_strategy.py tests/cuda/test_generation_cuda.py tests/cuda/test_metrics_cuda.py
+stage cuda 240 $PYTEST -s -m cuda tests/test_strategy.py tests/cuda/test_generation_cuda.py tests/cuda/test_metrics_cuda.py \
+  tests/cuda/test_rl_step_cuda.py
 G=tests/test_generation.py
 stage cpu-subset 150 $PYTEST tests/test_config.py tests/test_lora.py tests/test_zero3_leaves.py \
   tests/test_strategy.py::test_fit_builds_a_hybrid_engine_and_trains \

@@ -1,7 +1,8 @@
-"""Standalone multi-process scenarios, run by tests/test_multiprocess.py in a subprocess.
+"""Standalone multi-process scenarios, run by tests/test_multiprocess.py in subprocesses.
 
-Lightning's default launcher re-runs this script once per rank, so it must be a script,
-not a pytest test. Each rank asserts; rank 0 prints ``SCENARIO OK`` once every rank has passed a scenario.
+Every rank runs this script: tests/test_multiprocess.py starts them all at once with LOCAL_RANK set
+(``helpers.launch_ranks``); run by hand, Lightning's launcher re-runs it once per rank. So it must be a
+script, not a pytest test. Each rank asserts; rank 0 prints ``SCENARIO OK`` once every rank has passed a scenario.
 Several scenarios can share one launch (one interpreter start and process group per rank,
 the slow part of a small scenario): they run in the order given.
 
@@ -575,7 +576,7 @@ def scenario_dp_tp(args) -> None:
 
 
 def scenario_tp_checkpoint(args) -> None:
-    """AutoTP training: resume from a checkpoint gives the uninterrupted run's losses and generations;
+    """AutoTP training under ZeRO-3: resume from a checkpoint gives the uninterrupted run's losses and generations;
     export_actor writes one unsliced model that plain transformers loads and that generates the same tokens."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from transformers import AutoModelForCausalLM
@@ -605,7 +606,7 @@ def scenario_tp_checkpoint(args) -> None:
 
         module = Exporting(tiny_llama(), on_step, lr=0.05)
         module.samples, module.export = samples, export
-        strategy = HybridEngineStrategy(config=ds_config(args.stage), training_tp_size=2)
+        strategy = HybridEngineStrategy(config=ds_config(3), training_tp_size=2)
         # 2 batches an epoch: the checkpoint after step 2 falls on an epoch boundary.
         loader = prompt_loader(n=4)
         trainer = fit(
@@ -646,6 +647,25 @@ def scenario_tp_checkpoint(args) -> None:
         tokens = exported.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens, straight.final), f"{tokens.tolist()} != {straight.final.tolist()}"
     assert torch.equal(straight.validated, straight.final), "standalone validate() generates otherwise"
+
+
+def scenario_plain_after_tp(args) -> None:
+    """After training-TP fits in this process (AutoTP, a user's mpu), a fit without training TP: its engine is
+    data-parallel over both ranks, not the earlier engines' model-parallel groups DeepSpeed keeps in its globals,
+    and inference_tp_size=2 slices over its own group, not AutoTP's stale training group."""
+    generated = []
+
+    def on_step(module, batch):
+        ids, mask = prompts(batch=2, length=6, seed=4)
+        with module.trainer.strategy.generation() as actor:
+            generated.append(actor.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+
+    module = RolloutModule(tiny_llama(), on_step)
+    strategy = HybridEngineStrategy(config=ds_config(3), inference_tp_size=2)
+    engine = fit(module, strategy, steps=2, devices=2).strategy.model
+    assert (engine.mp_world_size, engine.dp_world_size) == (1, 2), (engine.mp_world_size, engine.dp_world_size)
+    assert len(module.losses) == 2 and len(generated) == 2
+    assert all(all_equal_across_ranks(tokens) for tokens in generated)
 
 
 def scenario_score(args) -> None:
@@ -696,6 +716,7 @@ if __name__ == "__main__":
             "mpu",
             "dp_tp",
             "tp_checkpoint",
+            "plain_after_tp",
         ],
     )
     parser.add_argument("--stage", type=int, default=3)
