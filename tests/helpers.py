@@ -545,3 +545,23 @@ class ScoringModule(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+# -- goodness of fit, for the samplers' tests ----------------------------------------------------
+def chi_square_critical(df: int, z: float = 3.719) -> float:
+    """The chi-square quantile for ``df`` degrees of freedom at the normal quantile ``z`` (3.719: 1 - 1e-4),
+    by Wilson and Hilferty's approximation (within 1% for df >= 3)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts: torch.Tensor, weights: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom of ``counts`` (draws per token) against ``weights`` (unnormalised),
+    with the bins expected below 5 pooled into one, as the test requires."""
+    draws = float(counts.sum())
+    expected = (weights.double() / weights.double().sum() * draws).cpu()
+    counts = counts.double().cpu()
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)])
+    wanted = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = wanted > 0
+    return float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum()), int(keep.sum()) - 1

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from helpers import prompts, tiny_llama
+from helpers import chi_square, chi_square_critical, prompts, tiny_llama
 
 from lightning_hybrid.sampling import inverse_cdf_multinomial, inverse_cdf_sampling, recording_logprobs
 from lightning_hybrid.scoring import response_logprobs
-
-
-def chi_square_critical(df: int, z: float = 3.719) -> float:
-    """The chi-square quantile for ``df`` degrees of freedom at the normal quantile ``z`` (3.719: 1 - 1e-4),
-    by Wilson and Hilferty's approximation (within 1% for df >= 3)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
 @pytest.mark.parametrize("vocab,draws", [(12, 120_000), (49152, 8_000)])
@@ -37,14 +29,7 @@ def test_draws_follow_the_distribution(vocab, draws):
         assert picked.shape == (2000, 1)
         counts += torch.bincount(picked.view(-1), minlength=vocab).float()
     assert counts[weights == 0].sum() == 0
-    expected = weights.double() / weights.double().sum() * draws
-    # Bins with expected counts below 5 are pooled into one, as the test requires.
-    big = expected >= 5
-    observed = torch.cat([counts.double()[big], counts.double()[~big].sum().view(1)])
-    wanted = torch.cat([expected[big], expected[~big].sum().view(1)])
-    keep = wanted > 0
-    statistic = float(((observed[keep] - wanted[keep]) ** 2 / wanted[keep]).sum())
-    df = int(keep.sum()) - 1
+    statistic, df = chi_square(counts, weights)
     assert statistic < chi_square_critical(df), (statistic, df)
 
 
@@ -56,9 +41,8 @@ def test_a_wrong_sampler_fails_the_test():
     biased[3] *= 1.1
     draws = 120_000
     picked = inverse_cdf_multinomial(biased.expand(draws, 12), generator=gen).view(-1)
-    counts = torch.bincount(picked, minlength=12).double()
-    expected = weights.double() / weights.double().sum() * draws
-    assert float(((counts - expected) ** 2 / expected).sum()) > chi_square_critical(11)
+    statistic, df = chi_square(torch.bincount(picked, minlength=12), weights)
+    assert df == 11 and statistic > chi_square_critical(df)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,8 @@ from helpers import (
     GatherOnceModule,
     RolloutModule,
     add_peft_lora,
+    chi_square,
+    chi_square_critical,
     ds_config,
     fit,
     prompts,
@@ -42,11 +44,6 @@ DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 ROLLOUT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # ZeRO-3 releasing each weight after use and prefetching nothing, as in the example (tests/test_gather.py).
 RELEASE_AFTER_USE = dict(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
-
-
-def chi_square_critical(df: int, z: float = 3.719) -> float:
-    """The chi-square quantile at 1 - 1e-4 (Wilson and Hilferty), as in tests/test_sampling.py."""
-    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
@@ -118,12 +115,8 @@ def test_inverse_cdf_sampler_on_cuda() -> None:
         picked = inverse_cdf_multinomial(weights.expand(4000, vocab), generator=gen)
         counts += torch.bincount(picked.view(-1), minlength=vocab).float()
     assert counts[weights == 0].sum() == 0
-    expected = weights.double() / weights.double().sum() * draws
-    big = expected >= 5
-    observed = torch.cat([counts.double()[big], counts.double()[~big].sum().view(1)])
-    wanted = torch.cat([expected[big], expected[~big].sum().view(1)])
-    statistic = float(((observed - wanted) ** 2 / wanted).sum())
-    assert statistic < chi_square_critical(len(wanted) - 1), statistic
+    statistic, df = chi_square(counts, weights)
+    assert statistic < chi_square_critical(df), (statistic, df)
 
     rows = torch.softmax(torch.randn(16, vocab, device=DEVICE, generator=gen), -1)
     timings = {}
