@@ -483,10 +483,11 @@ def test_output_logprobs_equal_the_scoring_forward():
     "stage,pin,lora,precision",
     [
         (3, True, "peft", "bf16-mixed"),
+        (3, False, "peft", "bf16-mixed"),
         (3, True, None, "bf16-mixed"),
         (2, True, "peft", "bf16-true"),
     ],
-    ids=["zero3-lora-mixed", "zero3-full-mixed", "zero2-lora-true"],
+    ids=["zero3-lora-mixed", "zero3-layerwise-lora-mixed", "zero3-full-mixed", "zero2-lora-true"],
 )
 def test_bf16_parity_and_nothing_lost(stage, pin, lora, precision):
     """In bf16 (DeepSpeed's bf16-mixed: bf16 weights, fp32 master copies; and bf16-true): greedy tokens in the
