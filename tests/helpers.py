@@ -201,6 +201,11 @@ def log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.
     return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
 
 
+# ZeRO-3 releasing each weight right after use (as the example does) and prefetching nothing (the example keeps
+# the default): on the tiny models its defaults would keep every weight gathered across the step.
+RELEASE_AFTER_USE = dict(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+
+
 def ds_config(stage: int, bf16: bool = False, **zero) -> dict:
     """A DeepSpeed config whose ZeRO-3 really shards a tiny model (persistence threshold 0)."""
     zero_cfg = {"stage": stage, **zero}

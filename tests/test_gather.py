@@ -9,6 +9,7 @@ import torch
 from deepspeed.runtime.zero import GatheredParameters
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from helpers import (
+    RELEASE_AFTER_USE,
     GatherOnceModule,
     RolloutModule,
     add_peft_lora,
@@ -275,11 +276,6 @@ def test_a_failure_while_gathering_undoes_the_swaps_and_the_detached_hooks(monke
     module = RolloutModule(add_peft_lora(tiny_llama()), on_step, lr=0.0)
     fit(module, HybridEngineStrategy(config=config, cache_frozen_weights=True), steps=3)
     assert seen["ok"]
-
-
-# ZeRO-3 releasing each weight after use and prefetching nothing, as in the example: on a model this small its
-# defaults would keep every weight gathered across the step anyway.
-RELEASE_AFTER_USE = dict(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
 
 
 @pytest.mark.parametrize("front_end,lora", [("trainer", True), ("fabric", False)], ids=["trainer-lora", "fabric-full"])

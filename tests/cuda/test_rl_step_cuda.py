@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 from helpers import (
+    RELEASE_AFTER_USE,
     GatherOnceModule,
     RolloutModule,
     add_peft_lora,
@@ -42,8 +43,6 @@ DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 # otherwise than the full-sequence forward (0.54 at most on SmolLM2 on a CPU), so its gap is measured and bounded
 # only by what the CPU test allows on the tiny model.
 ROLLOUT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-# ZeRO-3 releasing each weight after use and prefetching nothing, as in the example (tests/test_gather.py).
-RELEASE_AFTER_USE = dict(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
